@@ -1,0 +1,292 @@
+"""HF-format checkpoints: load and save `config.json` + safetensors (single or sharded with
+`model.safetensors.index.json`), including DeepSeek's FP8 checkpoints (v3_spec.md §5.3, §6).
+
+Name mapping between the module tree and the HF layout:
+- routed experts are stacked in nanoseek (`mlp.experts.gate_up_proj` (E, 2I, D), `down_proj` (E, D, I))
+  and stored per expert in HF (`mlp.experts.{e}.{gate,up,down}_proj.weight`);
+- MTP module k is `mtp.{k}.*` here and `model.layers.{L+k}.*` in HF; its `embed_tokens` and
+  `shared_head.head` are physical copies of the shared embedding and head, written on save and
+  checked-then-dropped on load.
+FP8 weights (float8_e4m3fn + fp32 `weight_scale_inv` 128x128 block scales) are dequantized on load.
+No pickle: safetensors only. Writes go to a temporary file that is renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from collections import defaultdict
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import ModelConfig
+from .fp8 import block_dequantize, block_quantize
+from .model.transformer import Transformer
+
+_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
+_MTP_COPIES = ("embed_tokens.weight", "shared_head.head.weight")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model; the message names the tensor."""
+
+
+# ---- loading --------------------------------------------------------------------------------------
+
+def _weight_files(path: str) -> dict[str, str]:
+    """tensor name -> file, from the index or from the safetensors files in the folder."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        return {name: os.path.join(path, file) for name, file in weight_map.items()}
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        raise CheckpointError(f"no *.safetensors files in {path}")
+    names = {}
+    for file in files:
+        with safe_open(os.path.join(path, file), framework="pt") as f:
+            names.update({k: os.path.join(path, file) for k in f.keys()})
+    return names
+
+
+class _Reader:
+    """Lazy tensor access across shards, with FP8 dequantization."""
+
+    def __init__(self, files: dict[str, str]):
+        self.files = files
+        self._open = {}
+
+    def get(self, name: str) -> torch.Tensor:
+        file = self.files[name]
+        if file not in self._open:
+            if not os.path.isfile(file):
+                raise CheckpointError(f"tensor {name}: shard {file} is missing")
+            self._open[file] = safe_open(file, framework="pt")
+        return self._open[file].get_tensor(name)
+
+    def get_dequantized(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        t = self.get(name)
+        if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            scale_name = name + "_scale_inv"
+            if scale_name not in self.files:
+                raise CheckpointError(f"tensor {name} is FP8 but {scale_name} is missing")
+            try:
+                return block_dequantize(t, self.get(scale_name), dtype=dtype)
+            except ValueError as e:
+                raise CheckpointError(f"tensor {name}: {e}") from None
+        return t.to(dtype)
+
+
+def _hf_to_internal(name: str, cfg: ModelConfig) -> str | None:
+    """Internal name of an HF tensor; None for tensors to skip (MTP copies)."""
+    m = _LAYER.match(name)
+    if m and int(m.group(1)) >= cfg.num_hidden_layers:
+        k, rest = int(m.group(1)) - cfg.num_hidden_layers, m.group(2)
+        if rest in _MTP_COPIES:
+            return None
+        return f"mtp.{k}.{rest}"
+    return name
+
+
+def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
+                    device: torch.device | str = "cpu", load_mtp: bool = True) -> Transformer:
+    """Load an HF-format DeepSeek-V2/V3 folder into a nanoseek Transformer.
+
+    Args:
+        path: folder with config.json and *.safetensors (optionally sharded with an index).
+        dtype: parameter dtype; default: the config's torch_dtype, else float32. FP8 weights are
+            dequantized to it.
+        device: where the parameters live.
+        load_mtp: load the MTP modules when the checkpoint has them. A checkpoint whose config declares
+            MTP layers but stores none (e.g. one written by transformers) loads without MTP, with a warning.
+    """
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path} is not a folder")
+    with open(os.path.join(path, "config.json")) as f:
+        hf_cfg = json.load(f)
+    cfg = ModelConfig.from_hf(hf_cfg)
+    if dtype is None:
+        dtype = getattr(torch, str(hf_cfg.get("torch_dtype") or hf_cfg.get("dtype") or "float32"), torch.float32)
+    files = _weight_files(path)
+    L = cfg.num_hidden_layers
+    if cfg.num_nextn_predict_layers:
+        has_mtp = any((m := _LAYER.match(n)) and int(m.group(1)) >= L for n in files)
+        if not has_mtp or not load_mtp:
+            if not has_mtp:
+                warnings.warn(f"{path}: config declares {cfg.num_nextn_predict_layers} MTP layer(s) but the "
+                              "checkpoint stores none; loading without MTP", stacklevel=2)
+            cfg = cfg.replace(num_nextn_predict_layers=0)
+
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expected = {k: v for k, v in model.state_dict().items()}
+    reader = _Reader(files)
+    state: dict[str, torch.Tensor] = {}
+    experts: dict[str, dict[str, dict[int, torch.Tensor]]] = defaultdict(lambda: defaultdict(dict))
+    unexpected = []
+    for name in files:
+        if name.endswith("_scale_inv"):
+            if name[: -len("_scale_inv")] not in files:
+                unexpected.append(name)
+            continue
+        internal = _hf_to_internal(name, cfg)
+        if internal is None:
+            continue
+        if internal.startswith("mtp.") and int(internal.split(".")[1]) >= cfg.num_nextn_predict_layers:
+            continue  # MTP layers present but not requested
+        m = _EXPERT.match(internal)
+        if m:
+            experts[m.group(1)][m.group(3)][int(m.group(2))] = name
+        elif internal in expected:
+            want = expected[internal]
+            t_dtype = torch.float32 if internal.endswith("e_score_correction_bias") else dtype
+            t = reader.get_dequantized(name, t_dtype)
+            _check_shape(name, t.shape, want.shape)
+            state[internal] = t.to(device)
+        else:
+            unexpected.append(name)
+    for prefix, parts in experts.items():
+        for part, fused in (("gate_up_proj", ("gate_proj", "up_proj")), ("down_proj", ("down_proj",))):
+            key = f"{prefix}.{part}"
+            if key not in expected:
+                unexpected.extend(n for p in fused for n in parts[p].values())
+                continue
+            n_exp = expected[key].shape[0]
+            per_expert = []
+            for e in range(n_exp):
+                pieces = []
+                for p in fused:
+                    if e not in parts[p]:
+                        raise CheckpointError(f"missing tensor {_internal_to_hf(prefix, cfg)}.{e}.{p}.weight")
+                    pieces.append(reader.get_dequantized(parts[p][e], dtype))
+                per_expert.append(torch.cat(pieces, 0))
+            extra = set(parts[fused[0]]) - set(range(n_exp))
+            if extra:
+                unexpected.extend(f"{_internal_to_hf(prefix, cfg)}.{e}.{fused[0]}.weight" for e in sorted(extra))
+            t = torch.stack(per_expert)
+            _check_shape(f"{_internal_to_hf(prefix, cfg)}.*.{'/'.join(fused)}", t.shape, expected[key].shape)
+            state[key] = t.to(device)
+    if unexpected:
+        raise CheckpointError(f"unexpected tensor(s) in {path}: {', '.join(sorted(unexpected)[:8])}"
+                              + (" ..." if len(unexpected) > 8 else ""))
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise CheckpointError(f"missing tensor(s) in {path}: "
+                              + ", ".join(_internal_to_hf(k, cfg) for k in missing[:8])
+                              + (" ..." if len(missing) > 8 else ""))
+    model.load_state_dict(state, assign=True, strict=True)
+    model.rotary = type(model.rotary)(cfg).to(device)  # non-persistent buffers were built on meta
+    for _, moe in model.moe_layers():
+        moe.tokens_per_expert = torch.zeros(cfg.n_routed_experts, dtype=torch.long, device=device)
+    return model.eval()
+
+
+def _check_shape(name: str, got, want) -> None:
+    if tuple(got) != tuple(want):
+        raise CheckpointError(f"tensor {name} has shape {tuple(got)}, the config expects {tuple(want)}")
+
+
+# ---- saving ---------------------------------------------------------------------------------------
+
+def _internal_to_hf(name: str, cfg: ModelConfig) -> str:
+    if name.startswith("mtp."):
+        _, k, rest = name.split(".", 2)
+        return f"model.layers.{cfg.num_hidden_layers + int(k)}.{rest}"
+    return name
+
+
+def _quantizable(hf_name: str) -> bool:
+    """Which weights the released checkpoints store in FP8: attention/MLP/expert projections (§6.3)."""
+    if not hf_name.endswith("_proj.weight") or hf_name.endswith("eh_proj.weight"):
+        return False
+    return ".self_attn." in hf_name or ".mlp." in hf_name
+
+
+def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
+    """The model's tensors under HF names (experts split, MTP renamed, MTP copies added)."""
+    cfg = model.cfg
+    out = {}
+    for name, t in model.state_dict().items():
+        hf = _internal_to_hf(name, cfg)
+        if hf.endswith(".mlp.experts.gate_up_proj"):
+            base = hf[: -len("gate_up_proj")]
+            for e, w in enumerate(t):
+                gate, up = w.chunk(2, dim=0)
+                out[f"{base}{e}.gate_proj.weight"] = gate
+                out[f"{base}{e}.up_proj.weight"] = up
+        elif hf.endswith(".mlp.experts.down_proj"):
+            base = hf[: -len("down_proj")]
+            for e, w in enumerate(t):
+                out[f"{base}{e}.down_proj.weight"] = w
+        else:
+            out[hf] = t
+    for k in range(cfg.num_nextn_predict_layers):
+        prefix = f"model.layers.{cfg.num_hidden_layers + k}."
+        out[prefix + "embed_tokens.weight"] = model.model.embed_tokens.weight.detach()
+        out[prefix + "shared_head.head.weight"] = model.lm_head.weight.detach()
+    return out
+
+
+def save_pretrained(model: Transformer, path: str | os.PathLike, max_shard_bytes: int | None = None,
+                    fp8: bool = False) -> None:
+    """Write config.json and safetensors with HF names (sharded above `max_shard_bytes`, default 5 GB).
+
+    `fp8` stores the projection weights as float8_e4m3fn with 128x128 `weight_scale_inv`, like the
+    released DeepSeek-V3 checkpoints. Every file is written to a temporary name and renamed.
+    """
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    max_shard_bytes = max_shard_bytes or 5 * 1024 ** 3
+    tensors = {}
+    for name, t in hf_state_dict(model).items():
+        t = t.detach().to("cpu").contiguous()
+        if fp8 and _quantizable(name):
+            tensors[name], tensors[name + "_scale_inv"] = block_quantize(t)
+        else:
+            tensors[name] = t.clone()  # clone: shared storage (MTP copies, tied weights) is refused
+    shards, current, size = [], {}, 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = t
+        size += nbytes
+    shards.append(current)
+
+    stale = [f for f in os.listdir(path) if f.endswith(".safetensors") or f == "model.safetensors.index.json"]
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    for file, shard in zip(names, shards):
+        _atomic(os.path.join(path, file), lambda tmp, s=shard: save_file(s, tmp, metadata={"format": "pt"}))
+    hf_cfg = model.cfg.to_hf()
+    hf_cfg["torch_dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
+    if fp8:
+        hf_cfg["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                         "weight_block_size": [128, 128]}
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+                 "weight_map": {n: f for f, s in zip(names, shards) for n in s}}
+        _atomic(os.path.join(path, "model.safetensors.index.json"), lambda tmp: _write_json(tmp, index))
+    _atomic(os.path.join(path, "config.json"), lambda tmp: _write_json(tmp, hf_cfg))
+    for f in stale:
+        if f not in names and not (f == "model.safetensors.index.json" and len(shards) > 1):
+            os.remove(os.path.join(path, f))
+
+
+def _write_json(file: str, obj) -> None:
+    with open(file, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+def _atomic(final: str, write) -> None:
+    tmp = final + ".tmp"
+    write(tmp)
+    os.replace(tmp, final)

@@ -1,0 +1,3 @@
+from .block import block_dequantize, block_quantize
+
+__all__ = ["block_dequantize", "block_quantize"]

@@ -1,0 +1,42 @@
+"""128x128 block-scaled FP8 (E4M3) weights, the format of the released DeepSeek-V3/R1 checkpoints
+(v3_spec.md §6.2): W[r, c] = float(W_fp8[r, c]) * scale_inv[r // 128, c // 128].
+
+Edge blocks that are not 128-aligned are zero-padded to compute their scale; the padding is dropped.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
+
+
+def _padded_blocks(w: torch.Tensor, block: int) -> torch.Tensor:
+    rows, cols = w.shape
+    pr, pc = -rows % block, -cols % block
+    w = torch.nn.functional.pad(w, (0, pc, 0, pr))
+    return w.view((rows + pr) // block, block, (cols + pc) // block, block)
+
+
+def block_quantize(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP8 weight (same shape) and fp32 scale_inv (ceil(rows/128), ceil(cols/128)); scale = amax/448."""
+    if w.dim() != 2:
+        raise ValueError(f"block_quantize expects a 2-D weight, got shape {tuple(w.shape)}")
+    blocks = _padded_blocks(w.float(), block)
+    amax = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12)
+    scale_inv = amax / FP8_MAX
+    q = (blocks / scale_inv[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    q = q.view(blocks.shape[0] * block, blocks.shape[2] * block)[: w.shape[0], : w.shape[1]]
+    return q.contiguous(), scale_inv
+
+
+def block_dequantize(q: torch.Tensor, scale_inv: torch.Tensor, block: int = 128,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Inverse of block_quantize; checks that the scale grid matches the weight."""
+    rows, cols = q.shape
+    expected = (-(-rows // block), -(-cols // block))
+    if tuple(scale_inv.shape) != expected:
+        raise ValueError(f"scale_inv shape {tuple(scale_inv.shape)} does not match weight {tuple(q.shape)} "
+                         f"with {block}x{block} blocks (expected {expected})")
+    scale = scale_inv.float().repeat_interleave(block, 0)[:rows].repeat_interleave(block, 1)[:, :cols]
+    return (q.float() * scale).to(dtype)

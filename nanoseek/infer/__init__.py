@@ -1,0 +1,3 @@
+from .generate import greedy_generate
+
+__all__ = ["greedy_generate"]

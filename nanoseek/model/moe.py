@@ -1,0 +1,122 @@
+"""DeepSeekMoE (V3 report §2.1.2, eqs. 12-16; v3_spec.md §4): shared experts plus fine-grained routed
+experts with sigmoid/softmax affinities and group-limited top-k.
+
+Choices:
+- The correction bias (aux-loss-free balancing) enters the *selection* only; gating weights use the
+  unbiased affinities (eq. 16). It is a buffer, updated by the trainer outside autograd.
+- Dropped groups are masked with -inf, as DeepSeek's official code does (HF fills 0.0, which differs
+  when biases are negative; v3_spec.md §4.2).
+- Routed experts run as two grouped matmuls over tokens sorted by expert (`torch._grouped_mm`), never a
+  Python loop over experts. Each forward records the per-expert token counts (`tokens_per_expert`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+
+
+class MLP(nn.Module):
+    """SwiGLU FFN: down(silu(gate x) * up x). The dense layers and the shared experts."""
+
+    def __init__(self, dim: int, inter: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, inter, bias=False)
+        self.up_proj = nn.Linear(dim, inter, bias=False)
+        self.down_proj = nn.Linear(inter, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Gate(nn.Module):
+    """Router: affinities s = sigmoid|softmax(u W^T), group-limited top-k, normalized and scaled weights."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        if cfg.topk_method == "noaux_tc":
+            self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts))
+        else:
+            self.e_score_correction_bias = None
+
+    def _apply(self, fn, recurse=True):
+        # The bias is a tiny fp32 accumulator of +-gamma steps: keep it fp32 whatever the model dtype.
+        super()._apply(fn, recurse)
+        if self.e_score_correction_bias is not None and self.e_score_correction_bias.dtype != torch.float32:
+            self.e_score_correction_bias = self.e_score_correction_bias.float()
+        return self
+
+    def forward(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns gating weights (N, K) in fp32, expert indices (N, K) and the affinities s (N, E)."""
+        cfg = self.cfg
+        logits = F.linear(x_ND.float(), self.weight.float())  # router in fp32, as HF and V3.2
+        scores = logits.sigmoid() if cfg.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
+        if cfg.topk_method != "greedy" and cfg.n_group > 1:
+            grouped = choice.view(x_ND.shape[0], cfg.n_group, -1)
+            if cfg.topk_method == "noaux_tc":
+                group_score = grouped.topk(2, dim=-1).values.sum(-1)   # sum of the top-2 per group
+            else:
+                group_score = grouped.amax(-1)                          # V2: best expert per group
+            keep = group_score.topk(cfg.topk_group, dim=-1).indices
+            dropped = torch.ones_like(group_score, dtype=torch.bool).scatter_(1, keep, False)
+            choice = grouped.masked_fill(dropped[..., None], float("-inf")).flatten(1)
+        idx_NK = choice.topk(cfg.num_experts_per_tok, dim=-1).indices
+        w_NK = scores.gather(1, idx_NK)
+        if cfg.norm_topk_prob:
+            w_NK = w_NK / (w_NK.sum(-1, keepdim=True) + 1e-20)
+        return w_NK * cfg.routed_scaling_factor, idx_NK, scores
+
+
+class Experts(nn.Module):
+    """All routed experts as stacked weights: gate_up_proj (E, 2I, D) and down_proj (E, D, I)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        E, D, I = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, D))
+        self.down_proj = nn.Parameter(torch.empty(E, D, I))
+
+    def forward(self, x_ND: torch.Tensor, w_NK: torch.Tensor, idx_NK: torch.Tensor,
+                counts_E: torch.Tensor) -> torch.Tensor:
+        N, K = idx_NK.shape
+        order = idx_NK.flatten().argsort(stable=True)            # token-expert pairs grouped by expert
+        offsets = counts_E.cumsum(0).to(torch.int32)
+        dtype = x_ND.dtype
+        if torch.is_autocast_enabled(x_ND.device.type):          # grouped_mm is not autocast-aware
+            dtype = torch.get_autocast_dtype(x_ND.device.type)
+        w13, w2 = self.gate_up_proj.to(dtype), self.down_proj.to(dtype)
+        x_SD = x_ND.to(dtype)[order // K]
+        gate, up = torch._grouped_mm(x_SD, w13.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
+        y_SD = torch._grouped_mm(F.silu(gate) * up, w2.transpose(1, 2), offs=offsets)
+        y_NKD = torch.empty_like(y_SD).index_copy(0, order, y_SD).view(N, K, -1)
+        return torch.bmm(w_NK.to(dtype)[:, None], y_NKD).squeeze(1)    # sum_k g_k * FFN_k(x)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts = cfg.n_routed_experts
+        self.gate = Gate(cfg)
+        self.experts = Experts(cfg)
+        self.shared_experts = (MLP(cfg.hidden_size, cfg.n_shared_experts * cfg.moe_intermediate_size)
+                               if cfg.n_shared_experts > 0 else None)
+        # Token counts per expert of the last forward (balancing, MaxVio); not a parameter.
+        self.tokens_per_expert = torch.zeros(cfg.n_routed_experts, dtype=torch.long)
+        self.routing = None  # (scores, topk indices) of the last training forward, for balance losses
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        x_ND = x_BTD.reshape(-1, x_BTD.shape[-1])
+        w_NK, idx_NK, scores = self.gate(x_ND)
+        counts = torch.bincount(idx_NK.flatten(), minlength=self.n_experts)
+        self.tokens_per_expert = counts.detach()
+        self.routing = (scores, idx_NK) if self.training else None
+        y = self.experts(x_ND, w_NK, idx_NK, counts).view_as(x_BTD).to(x_BTD.dtype)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x_BTD)
+        return y

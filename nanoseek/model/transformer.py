@@ -1,0 +1,204 @@
+"""The DeepSeek-V3 decoder: pre-norm MLA + (dense | MoE) blocks, final norm, untied head, and D
+Multi-Token Prediction modules (V3 report §2.2; v3_spec.md §1, §5).
+
+Module names mirror the HF checkpoint (`model.layers.3.self_attn.kv_b_proj`), so checkpoint I/O is a
+rename of the MTP layers and a split of the stacked experts only (nanoseek/checkpoint.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from .cache import LatentCache
+from .mla import MLA
+from .moe import MLP, MoE
+from .norm import RMSNorm
+from .rope import RotaryEmbedding
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = MLA(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x, cos, sin, positions, cache=None, slots=None, absorb=False):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache, slots, absorb)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class SharedHead(nn.Module):
+    """The MTP module's final norm; the output projection itself is the main model's lm_head."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class MTP(Block):
+    """MTP module k (V3 report eqs. 21-23): h'_i = M_k [RMSNorm(Emb(t_{i+k})) ; RMSNorm(h_i^{k-1})], then one block.
+
+    The concatenation is [embedding ; hidden], the order of the released `eh_proj` weights (v3_spec.md §5.1).
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__(cfg, layer_idx)
+        self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.shared_head = SharedHead(cfg)
+
+    def forward(self, h, emb, cos, sin, positions, cache=None, slots=None, absorb=False):
+        x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))
+        return super().forward(x, cos, sin, positions, cache, slots, absorb)
+
+
+class DecoderStack(nn.Module):
+    """`model.*` of the HF layout: embedding, main blocks, final norm."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = DecoderStack(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        L = cfg.num_hidden_layers
+        self.mtp = nn.ModuleList(MTP(cfg, L + k) for k in range(cfg.num_nextn_predict_layers))
+        self.rotary = RotaryEmbedding(cfg)
+
+    # ---- forward paths --------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                cache: LatentCache | None = None, slots: torch.Tensor | None = None,
+                absorb: bool | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab) of the main head. See `hidden_states` for the arguments."""
+        return self.lm_head(self.hidden_states(input_ids, positions, cache, slots, absorb))
+
+    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                      cache: LatentCache | None = None, slots: torch.Tensor | None = None,
+                      absorb: bool | None = None) -> torch.Tensor:
+        """Final-normed hidden states (B, T, D).
+
+        Args:
+            input_ids: (B, T) token ids.
+            positions: (B, T) absolute positions; default 0..T-1 for every row.
+            cache: a LatentCache to write this chunk's latents into (and read history from).
+            slots: (B,) cache rows of the batch rows; default 0..B-1.
+            absorb: attention path. Default: naive when there is no history (training, prefill from
+                position 0), absorbed over the cache otherwise (decode, chunked prefill).
+        """
+        B, T = input_ids.shape
+        positions, slots, absorb = self._prepare(input_ids, positions, cache, slots, absorb)
+        self._check_ids(input_ids, positions)
+        cos, sin = self.rotary(positions)
+        x = self.model.embed_tokens(input_ids)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, positions, cache, slots, absorb)
+        return self.model.norm(x)
+
+    def mtp_hidden_states(self, h_BTD: torch.Tensor, input_ids: torch.Tensor) -> list[torch.Tensor]:
+        """Training-time MTP: for depth k, hidden states at positions 0..T-1-k that predict token i+k+1.
+
+        h_BTD are the main model's final-normed hidden states for `input_ids`; returns one tensor
+        (B, T-k, D) per depth, already passed through the module's shared_head norm.
+        """
+        B, T = input_ids.shape
+        positions = torch.arange(T, device=input_ids.device).expand(B, T)
+        cos, sin = self.rotary(positions)
+        emb = self.model.embed_tokens(input_ids)
+        outs, h = [], h_BTD
+        for k, module in enumerate(self.mtp, start=1):
+            n = T - k
+            if n <= 0:
+                break
+            h = module(h[:, :n], emb[:, k:k + n], cos[:, :n], sin[:, :n], positions[:, :n])
+            outs.append(module.shared_head.norm(h))
+        return outs
+
+    def mtp_step(self, k: int, h_BTD: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor,
+                 cache: LatentCache | None = None, slots: torch.Tensor | None = None,
+                 absorb: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One MTP module (0-based k) for drafting: returns (its hidden state, the logits of token i+k+2)."""
+        module = self.mtp[k]
+        positions, slots, absorb = self._prepare(next_ids, positions, cache, slots, absorb)
+        cos, sin = self.rotary(positions)
+        h = module(h_BTD, self.model.embed_tokens(next_ids), cos, sin, positions, cache, slots, absorb)
+        return h, self.lm_head(module.shared_head.norm(h))
+
+    def _prepare(self, input_ids, positions, cache, slots, absorb):
+        B, T = input_ids.shape
+        if positions is None:
+            positions = torch.arange(T, device=input_ids.device).expand(B, T)
+        if cache is not None and slots is None:
+            slots = torch.arange(B, device=input_ids.device)
+        if absorb is None:
+            absorb = cache is not None and bool((positions[:, 0] > 0).any())
+        return positions, slots, absorb
+
+    def _check_ids(self, input_ids, positions):
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.cfg.vocab_size):
+            raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size}); got "
+                             f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+        if positions.numel() and int(positions.max()) >= self.cfg.max_position_embeddings:
+            raise ValueError(f"position {int(positions.max())} exceeds max_position_embeddings "
+                             f"{self.cfg.max_position_embeddings}")
+
+    # ---- utilities ------------------------------------------------------------------------------
+    def moe_layers(self) -> list[tuple[str, MoE]]:
+        return [(name, m) for name, m in self.named_modules() if isinstance(m, MoE)]
+
+    def num_parameters(self, activated: bool = False) -> int:
+        """Parameters of the main model (MTP excluded); `activated`: per token (K routed of N experts)."""
+        total = sum(p.numel() for n, p in self.named_parameters() if not n.startswith("mtp."))
+        if activated:
+            cfg = self.cfg
+            for name, moe in self.moe_layers():
+                if name.startswith("mtp."):
+                    continue
+                per_expert = moe.experts.gate_up_proj[0].numel() + moe.experts.down_proj[0].numel()
+                total -= (cfg.n_routed_experts - cfg.num_experts_per_tok) * per_expert
+        return total
+
+    def save_pretrained(self, path, safe_max_shard_bytes: int | None = None) -> None:
+        from ..checkpoint import save_pretrained
+        save_pretrained(self, path, max_shard_bytes=safe_max_shard_bytes)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Normal(0, initializer_range) for linear, expert and embedding weights; ones for norms."""
+        std = self.cfg.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+            elif isinstance(module, MoE):
+                nn.init.normal_(module.gate.weight, std=std)
+                nn.init.normal_(module.experts.gate_up_proj, std=std)
+                nn.init.normal_(module.experts.down_proj, std=std)
+                if module.gate.e_score_correction_bias is not None:
+                    module.gate.e_score_correction_bias.zero_()
+
+
+def build_model(cfg: ModelConfig, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                seed: int | None = None) -> Transformer:
+    """A randomly initialized model (seeded if `seed` is given)."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    with torch.device(device or "cpu"):
+        model = Transformer(cfg)
+    if str(device) != "meta":
+        model.init_weights()
+    return model.to(dtype=dtype) if dtype is not None else model
