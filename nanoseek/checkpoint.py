@@ -45,7 +45,8 @@ def _weight_files(path: str) -> dict[str, str]:
         with open(index) as f:
             weight_map = json.load(f)["weight_map"]
         return {name: os.path.join(path, file) for name, file in weight_map.items()}
-    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    files = (["model.safetensors"] if os.path.isfile(os.path.join(path, "model.safetensors")) else
+             sorted(f for f in os.listdir(path) if f.endswith(".safetensors")))
     if not files:
         raise CheckpointError(f"no *.safetensors files in {path}")
     names = {}

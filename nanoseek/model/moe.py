@@ -86,16 +86,18 @@ class Experts(nn.Module):
                 counts_E: torch.Tensor) -> torch.Tensor:
         N, K = idx_NK.shape
         order = idx_NK.flatten().argsort(stable=True)            # token-expert pairs grouped by expert
+        token_S = order // K
         offsets = counts_E.cumsum(0).to(torch.int32)
         dtype = x_ND.dtype
         if torch.is_autocast_enabled(x_ND.device.type):          # grouped_mm is not autocast-aware
             dtype = torch.get_autocast_dtype(x_ND.device.type)
         w13, w2 = self.gate_up_proj.to(dtype), self.down_proj.to(dtype)
-        x_SD = x_ND.to(dtype)[order // K]
+        # index_select/index_add (not x[idx] / scatter): their backward passes are a plain index_add/gather.
+        x_SD = x_ND.to(dtype).index_select(0, token_S)
         gate, up = torch._grouped_mm(x_SD, w13.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
         y_SD = torch._grouped_mm(F.silu(gate) * up, w2.transpose(1, 2), offs=offsets)
-        y_NKD = torch.empty_like(y_SD).index_copy(0, order, y_SD).view(N, K, -1)
-        return torch.bmm(w_NK.to(dtype)[:, None], y_NKD).squeeze(1)    # sum_k g_k * FFN_k(x)
+        y_SD = y_SD * w_NK.flatten()[order].to(dtype)[:, None]   # g_{i,t} * FFN_i(u_t)
+        return torch.zeros(N, y_SD.shape[1], dtype=dtype, device=x_ND.device).index_add_(0, token_S, y_SD)
 
 
 class MoE(nn.Module):

@@ -160,8 +160,9 @@ class Transformer(nn.Module):
         return [(name, m) for name, m in self.named_modules() if isinstance(m, MoE)]
 
     def num_parameters(self, activated: bool = False) -> int:
-        """Parameters of the main model (MTP excluded); `activated`: per token (K routed of N experts)."""
-        total = sum(p.numel() for n, p in self.named_parameters() if not n.startswith("mtp."))
+        """Stored values of the main model (MTP excluded; the routing biases included, as in the V3 report's
+        count); `activated`: those a token touches (K of the N routed experts)."""
+        total = sum(t.numel() for n, t in self.state_dict().items() if not n.startswith("mtp."))
         if activated:
             cfg = self.cfg
             for name, moe in self.moe_layers():

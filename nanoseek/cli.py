@@ -1,0 +1,143 @@
+"""The `nanoseek` command line: one entry point, one sub-command per stage.
+
+Stages land as their issues do; today: `demo` (the embedded default job), `train` and `info`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+from .checkpoint import CheckpointError, from_pretrained
+from .config import ConfigError, ModelConfig, PRESETS
+from .model import build_model
+
+
+def _load(args) -> tuple[ModelConfig, torch.nn.Module | None]:
+    if args.model:
+        model = from_pretrained(args.model)
+        return model.cfg, model
+    return ModelConfig.preset(args.preset), None
+
+
+def cmd_info(args) -> None:
+    """Print a config's shape, parameter counts and KV-cache bytes per token."""
+    cfg, model = _load(args)
+    if model is None:
+        model = build_model(cfg, device="meta")
+    total, active = model.num_parameters(), model.num_parameters(activated=True)
+    mtp = sum(t.numel() for n, t in model.state_dict().items() if n.startswith("mtp."))
+    print(f"model_type {cfg.model_type}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
+          f"{cfg.num_attention_heads} heads, {cfg.n_routed_experts} routed experts (top-{cfg.num_experts_per_tok}), "
+          f"{cfg.n_shared_experts} shared, MTP depth {cfg.num_nextn_predict_layers}")
+    print(f"parameters: {total:,} total, {active:,} activated per token, {mtp:,} in MTP modules")
+    mla, mha = cfg.kv_cache_bytes_per_token(2), cfg.mha_cache_bytes_per_token(2)
+    print(f"KV cache per token (bf16): MLA latent {mla:,} B = (kv_lora_rank {cfg.kv_lora_rank} + "
+          f"qk_rope_head_dim {cfg.qk_rope_head_dim}) x {cfg.num_hidden_layers} layers x 2 B; "
+          f"an MHA cache would take {mha:,} B ({mha / mla:.1f}x)")
+
+
+def cmd_demo(args) -> None:
+    """Build a model, run a forward and greedy decoding with the latent cache, save and reload it."""
+    from .infer import greedy_generate
+
+    torch.manual_seed(args.seed)
+    cfg = ModelConfig.preset(args.preset)
+    model = build_model(cfg, seed=args.seed).eval()
+    print(f"[1/4] built preset {args.preset!r}: {model.num_parameters():,} parameters "
+          f"({model.num_parameters(activated=True):,} activated per token)")
+    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.prompt_len))
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        logits = model(ids)
+        naive_vs_absorbed = (logits - model(ids, absorb=True)).abs().max().item()
+    print(f"[2/4] forward {tuple(ids.shape)} -> logits {tuple(logits.shape)} in {time.perf_counter() - t0:.2f}s; "
+          f"naive vs absorbed MLA max |diff| {naive_vs_absorbed:.1e}")
+    t0 = time.perf_counter()
+    out = greedy_generate(model, ids, args.max_new_tokens)
+    dt = time.perf_counter() - t0
+    print(f"[3/4] greedy decoding with the latent cache: {args.batch * args.max_new_tokens / dt:.0f} tokens/s; "
+          f"row 0 continues with {out[0, args.prompt_len:args.prompt_len + 12].tolist()} ...")
+    print(f"      cache per token: {cfg.kv_cache_bytes_per_token(2):,} B (bf16) vs "
+          f"{cfg.mha_cache_bytes_per_token(2):,} B for MHA")
+    with tempfile.TemporaryDirectory() as tmp:
+        out_dir = args.out or tmp
+        model.save_pretrained(out_dir)
+        reloaded = from_pretrained(out_dir, dtype=torch.float32)
+        with torch.no_grad():
+            diff = (reloaded(ids) - logits).abs().max().item()
+        print(f"[4/4] saved HF-format checkpoint to {out_dir} and reloaded it: max |logit diff| {diff:.1e}")
+
+
+def cmd_train(args) -> None:
+    """Pretrain a model (MTP, aux-loss-free balancing) into --out; --resume continues the newest checkpoint."""
+    from .train import TrainConfig, Trainer
+
+    cfg = TrainConfig.load(args.config, preset=args.preset, max_steps=args.max_steps, save_every=args.save_every,
+                           seed=args.seed, data=args.data or None, tokenizer=args.tokenizer,
+                           precision=args.precision, balance=args.balance)
+    trainer = Trainer(cfg, args.out, resume=args.resume, progress=not args.no_progress)
+    print(f"training {cfg.preset!r} ({trainer.model.num_parameters():,} parameters) for {cfg.max_steps} steps "
+          f"of {cfg.grad_accum * cfg.batch_size * cfg.seq_len:,} tokens into {args.out}"
+          + (f", resuming at step {trainer.step}" if trainer.step else ""))
+    last = trainer.fit()
+    if last:
+        print(f"done: step {last['step']}, loss {last['loss']:.4f}"
+              + (f", val {last['val_loss']:.4f}" if "val_loss" in last else "")
+              + f"; checkpoints in {trainer.ckpt_dir}, metrics and plots in {args.out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nanoseek", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="the embedded default job: a small model end to end on CPU")
+    p.add_argument("--preset", default="small", choices=sorted(PRESETS), help="model preset (default: small)")
+    p.add_argument("--batch", type=int, default=4, help="prompts decoded together (default: 4)")
+    p.add_argument("--prompt-len", type=int, default=32, help="random prompt length (default: 32)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default: 32)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--out", default=None, help="keep the checkpoint in this folder (default: a temp dir)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("train", help="pretraining with MTP and auxiliary-loss-free balancing (resumable)")
+    p.add_argument("--config", default=None, help="a JSON or TOML TrainConfig file (flags override it)")
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS), help="model preset (default: small)")
+    p.add_argument("--out", required=True, help="output folder: checkpoints/, metrics.jsonl, plots, tensorboard/")
+    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: 200)")
+    p.add_argument("--save-every", type=int, default=None, help="steps between checkpoints (default: 100)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default: 0)")
+    p.add_argument("--data", nargs="*", default=None,
+                   help="local .txt/.jsonl/.parquet files or folders (default: the embedded task corpus)")
+    p.add_argument("--tokenizer", default=None, help="an existing tokenizer folder (default: train one)")
+    p.add_argument("--precision", default=None, choices=["float32", "bf16"], help="default: float32")
+    p.add_argument("--balance", default=None, choices=["aux_free", "aux_loss", "none"],
+                   help="expert balancing (default: aux_free)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("info", help="parameter counts and KV-cache size of a preset or checkpoint")
+    p.add_argument("--preset", default="small", choices=sorted(PRESETS), help="model preset (default: small)")
+    p.add_argument("--model", default=None, help="an HF-format checkpoint folder (overrides --preset)")
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ConfigError, CheckpointError, ValueError, FileNotFoundError) as e:
+        print(f"nanoseek {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

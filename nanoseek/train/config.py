@@ -1,0 +1,141 @@
+"""TrainConfig: everything `nanoseek train` needs besides the model architecture.
+
+Loaded from defaults, then an optional JSON/TOML file, then command-line overrides; validated on
+construction with errors that name the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+
+from ..config import ConfigError
+
+_BALANCE = ("aux_free", "aux_loss", "none")
+
+
+@dataclass
+class TrainConfig:
+    """Pretraining settings (defaults: a few-minute CPU run of the `small` preset on the embedded corpus).
+
+    Attributes:
+        preset: model preset name (nanoseek.config.PRESETS).
+        model: per-field overrides of the preset (e.g. {"num_hidden_layers": 2}); vocab_size follows the tokenizer.
+        data: local text/jsonl/parquet files or folders; empty = the embedded task corpus.
+        text_field: the jsonl/parquet column holding documents.
+        tokenizer: an existing tokenizer folder; None trains a byte-level BPE on the training data.
+        vocab_size: size of the trained tokenizer.
+        corpus_docs: documents generated for the embedded corpus.
+        seq_len: tokens per training sequence.
+        batch_size: sequences per micro-batch.
+        grad_accum: micro-batches per optimizer step.
+        max_steps: optimizer steps.
+        lr, min_lr_ratio, warmup_steps, schedule: AdamW peak LR, final LR fraction, linear warmup steps,
+            and the decay shape ("cosine", "wsd" or "constant").
+        weight_decay, beta1, beta2, grad_clip: AdamW and global-norm clipping (0 disables clipping).
+        precision: "float32" or "bf16" (autocast; weights and optimizer state stay fp32).
+        mtp_lambda, mtp_lambda_late, mtp_switch_frac: MTP loss weight, first then late value, switched at
+            this fraction of training (V3: 0.3 then 0.1 at 10/14.8).
+        balance: "aux_free" (bias updates, V3), "aux_loss" (classic batch-wise auxiliary loss) or "none".
+        bias_gamma, bias_gamma_late, gamma_switch_frac: bias update speed, early then late (V3: 0.001, then 0
+            for the last 500B of 14.8T tokens).
+        seq_aux_alpha: weight of the complementary sequence-wise balance loss (V3: 1e-4; 0 disables).
+        aux_loss_alpha: weight of the classic auxiliary loss when balance == "aux_loss".
+        val_fraction: share of documents held out for validation.
+        val_every, val_batches: validation period (steps) and size (micro-batches).
+        log_every: steps between log lines / metric rows.
+        save_every: steps between checkpoints (0: only at the end).
+        keep_checkpoints: complete checkpoints kept on disk (older ones are deleted).
+        max_bad_steps: consecutive NaN/Inf losses tolerated (each skips its step) before aborting.
+        peak_gflops: matmul peak for the MFU estimate; None measures it once at start.
+        seed: seeds model init, data order and dropout-free training exactly.
+        threads: torch CPU threads (0: torch's default).
+    """
+
+    preset: str = "small"
+    model: dict = field(default_factory=dict)
+    data: list[str] = field(default_factory=list)
+    text_field: str = "text"
+    tokenizer: str | None = None
+    vocab_size: int = 2048
+    corpus_docs: int = 6000
+    seq_len: int = 256
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_steps: int = 200
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    schedule: str = "cosine"
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    precision: str = "float32"
+    mtp_lambda: float = 0.3
+    mtp_lambda_late: float = 0.1
+    mtp_switch_frac: float = 10 / 14.8
+    balance: str = "aux_free"
+    bias_gamma: float = 1e-3
+    bias_gamma_late: float = 0.0
+    gamma_switch_frac: float = 14.3 / 14.8
+    seq_aux_alpha: float = 1e-4
+    aux_loss_alpha: float = 1e-2
+    val_fraction: float = 0.05
+    val_every: int = 50
+    val_batches: int = 4
+    log_every: int = 10
+    save_every: int = 100
+    keep_checkpoints: int = 2
+    max_bad_steps: int = 5
+    peak_gflops: float | None = None
+    seed: int = 0
+    threads: int = 0
+
+    def __post_init__(self):
+        def req(ok, name, rule):
+            if not ok:
+                raise ConfigError(f"TrainConfig.{name} {rule}")
+        for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "log_every", "val_batches",
+                     "vocab_size", "keep_checkpoints", "max_bad_steps", "corpus_docs"):
+            req(isinstance(getattr(self, name), int) and getattr(self, name) > 0, name, "must be a positive int")
+        for name in ("warmup_steps", "save_every", "val_every", "threads"):
+            req(isinstance(getattr(self, name), int) and getattr(self, name) >= 0, name, "must be an int >= 0")
+        req(self.lr > 0, "lr", "must be > 0")
+        req(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
+        req(self.schedule in ("cosine", "wsd", "constant"), "schedule", "must be cosine, wsd or constant")
+        req(self.precision in ("float32", "bf16"), "precision", "must be float32 or bf16")
+        req(self.balance in _BALANCE, "balance", f"must be one of {_BALANCE}")
+        req(0 <= self.val_fraction < 1, "val_fraction", "must be in [0, 1)")
+        req(self.grad_clip >= 0, "grad_clip", "must be >= 0")
+        for name in ("mtp_lambda", "mtp_lambda_late", "bias_gamma", "bias_gamma_late", "seq_aux_alpha",
+                     "aux_loss_alpha", "weight_decay"):
+            req(getattr(self, name) >= 0, name, "must be >= 0")
+        req(isinstance(self.model, dict), "model", "must be a mapping of ModelConfig fields")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike | None = None, **overrides) -> "TrainConfig":
+        """Defaults <- JSON/TOML file <- overrides (None values are ignored)."""
+        values = {}
+        if path is not None:
+            path = os.fspath(path)
+            if not os.path.isfile(path):
+                raise ConfigError(f"config file {path} does not exist")
+            if path.endswith(".toml"):
+                import tomllib
+                with open(path, "rb") as f:
+                    values = tomllib.load(f)
+            else:
+                with open(path) as f:
+                    values = json.load(f)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ConfigError(f"unknown TrainConfig field(s) in {path}: {sorted(unknown)}")
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
