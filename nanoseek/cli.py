@@ -136,6 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"nanoseek {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        if type(e).__name__ != "TrainingAborted":
+            raise
+        print(f"nanoseek {args.command}: aborted: {e}", file=sys.stderr)
+        return 3
     return 0
 
 
