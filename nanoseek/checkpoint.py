@@ -84,14 +84,10 @@ class _Reader:
         return t.to(dtype)
 
 
-def _hf_to_internal(name: str, cfg: ModelConfig) -> str | None:
-    """Internal name of an HF tensor; None for tensors to skip (MTP copies)."""
+def _hf_to_internal(name: str, cfg: ModelConfig) -> str:
     m = _LAYER.match(name)
     if m and int(m.group(1)) >= cfg.num_hidden_layers:
-        k, rest = int(m.group(1)) - cfg.num_hidden_layers, m.group(2)
-        if rest in _MTP_COPIES:
-            return None
-        return f"mtp.{k}.{rest}"
+        return f"mtp.{int(m.group(1)) - cfg.num_hidden_layers}.{m.group(2)}"
     return name
 
 
@@ -116,12 +112,12 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
     if dtype is None:
         dtype = getattr(torch, str(hf_cfg.get("torch_dtype") or hf_cfg.get("dtype") or "float32"), torch.float32)
     files = _weight_files(path)
-    L = cfg.num_hidden_layers
-    if cfg.num_nextn_predict_layers:
+    L, declared_mtp = cfg.num_hidden_layers, cfg.num_nextn_predict_layers
+    if declared_mtp:
         has_mtp = any((m := _LAYER.match(n)) and int(m.group(1)) >= L for n in files)
         if not has_mtp or not load_mtp:
             if not has_mtp:
-                warnings.warn(f"{path}: config declares {cfg.num_nextn_predict_layers} MTP layer(s) but the "
+                warnings.warn(f"{path}: config declares {declared_mtp} MTP layer(s) but the "
                               "checkpoint stores none; loading without MTP", stacklevel=2)
             cfg = cfg.replace(num_nextn_predict_layers=0)
 
@@ -138,10 +134,19 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
                 unexpected.append(name)
             continue
         internal = _hf_to_internal(name, cfg)
-        if internal is None:
-            continue
-        if internal.startswith("mtp.") and int(internal.split(".")[1]) >= cfg.num_nextn_predict_layers:
-            continue  # MTP layers present but not requested
+        if internal.startswith("mtp."):
+            k, rest = internal.split(".", 2)[1:]
+            if int(k) >= cfg.num_nextn_predict_layers:
+                if int(k) < declared_mtp:
+                    continue  # declared MTP layers, not requested (load_mtp=False)
+                unexpected.append(name)
+                continue
+            if rest in _MTP_COPIES:  # physical copies of the shared embedding / head: check, then drop
+                shared = "model.embed_tokens.weight" if rest == "embed_tokens.weight" else "lm_head.weight"
+                with safe_open(files[name], framework="pt") as f:
+                    shape = f.get_slice(name).get_shape()
+                _check_shape(name, shape, expected[shared].shape)
+                continue
         m = _EXPERT.match(internal)
         if m:
             experts[m.group(1)][m.group(3)][int(m.group(2))] = name
@@ -166,7 +171,10 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
                 for p in fused:
                     if e not in parts[p]:
                         raise CheckpointError(f"missing tensor {_internal_to_hf(prefix, cfg)}.{e}.{p}.weight")
-                    pieces.append(reader.get_dequantized(parts[p][e], dtype))
+                    piece = reader.get_dequantized(parts[p][e], dtype)
+                    E, rows, cols = expected[key].shape
+                    _check_shape(parts[p][e], piece.shape, (rows // len(fused), cols))
+                    pieces.append(piece)
                 per_expert.append(torch.cat(pieces, 0))
             extra = set(parts[fused[0]]) - set(range(n_exp))
             if extra:
@@ -203,11 +211,15 @@ def _internal_to_hf(name: str, cfg: ModelConfig) -> str:
     return name
 
 
+_FP8_MODULES = {"q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj",
+                "up_proj", "down_proj"}
+
+
 def _quantizable(hf_name: str) -> bool:
-    """Which weights the released checkpoints store in FP8: attention/MLP/expert projections (§6.3)."""
-    if not hf_name.endswith("_proj.weight") or hf_name.endswith("eh_proj.weight"):
-        return False
-    return ".self_attn." in hf_name or ".mlp." in hf_name
+    """Which weights the released checkpoints store in FP8: attention/MLP/expert projections (§6.3);
+    never norms, embeddings, the head, the router or the MTP eh_proj."""
+    parts = hf_name.split(".")
+    return parts[-1] == "weight" and parts[-2] in _FP8_MODULES
 
 
 def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:

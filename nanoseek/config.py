@@ -100,6 +100,8 @@ class ModelConfig:
     def __post_init__(self):
         if self.q_lora_rank == 0:  # the official ModelArgs spell "no q latent" as 0, HF as null
             self.q_lora_rank = None
+        if self.n_routed_experts == 0:  # dense model: which layers are "dense" is moot; keep one spelling
+            self.first_k_dense_replace = 0
         if self.rope_scaling is not None:
             self.rope_scaling = _normalize_rope_scaling(self.rope_scaling, self.max_position_embeddings)
         self.validate()
@@ -191,20 +193,21 @@ class ModelConfig:
         model_type = hf.get("model_type", "deepseek_v3")
         if model_type not in ("deepseek_v3", "deepseek_v2"):
             raise ConfigError(f"model_type: {model_type!r} is not supported (deepseek_v3 or deepseek_v2)")
-        kwargs: dict[str, Any] = {"model_type": model_type}
+        # Keys a config omits take the defaults of the real model of that type, not of the tiny preset.
+        base = PRESETS["v3-671b" if model_type == "deepseek_v3" else "v2-lite"]
+        kwargs: dict[str, Any] = {**base, "model_type": model_type}
         known = {f.name for f in dataclasses.fields(cls)}
         for key in known - {"model_type", "rope_scaling"}:
             if key in hf:
                 kwargs[key] = hf[key]
         # V2 defaults differ from the V3 defaults of this dataclass where a V2 config omits a key.
         if model_type == "deepseek_v2":
-            kwargs.setdefault("scoring_func", "softmax")
-            kwargs.setdefault("topk_method", "greedy")
-            kwargs.setdefault("norm_topk_prob", False)
-            kwargs.setdefault("routed_scaling_factor", 1.0)
+            kwargs["num_nextn_predict_layers"] = 0  # V2 has no MTP
         for key in ("n_group", "topk_group"):
-            if kwargs.get(key) is None and key in kwargs:
+            if kwargs.get(key) is None:
                 kwargs[key] = 1
+        if kwargs.get("n_routed_experts") is None:
+            kwargs["n_routed_experts"] = 0
         if isinstance(kwargs.get("eos_token_id"), list):
             kwargs["eos_token_id"] = kwargs["eos_token_id"][0]
         # Newer transformers write `rope_parameters` (with rope_theta inside); older ones `rope_scaling`.
@@ -224,8 +227,9 @@ class ModelConfig:
             num_key_value_heads=self.num_attention_heads,
             hidden_act="silu", attention_bias=False, attention_dropout=0.0, moe_layer_freq=1,
             rope_interleave=True, torch_dtype="float32", use_cache=True,
-            n_routed_experts=self.n_routed_experts or None,
         )
+        if self.n_routed_experts == 0:  # a dense model: HF builds MoE only from first_k_dense_replace on
+            d["first_k_dense_replace"] = self.num_hidden_layers + self.num_nextn_predict_layers
         if not v3:
             d.pop("num_nextn_predict_layers")
         rope = {"rope_type": "default", "rope_theta": self.rope_theta}

@@ -46,9 +46,11 @@ class Gate(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # The bias is a tiny fp32 accumulator of +-gamma steps: keep it fp32 whatever the model dtype.
+        bias = self.e_score_correction_bias
         super()._apply(fn, recurse)
-        if self.e_score_correction_bias is not None and self.e_score_correction_bias.dtype != torch.float32:
-            self.e_score_correction_bias = self.e_score_correction_bias.float()
+        moved = self.e_score_correction_bias
+        if moved is not None and moved.dtype != torch.float32:
+            self.e_score_correction_bias = bias.to(device=moved.device)  # from the fp32 original: no rounding
         return self
 
     def forward(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -48,11 +48,11 @@ class RotaryEmbedding(torch.nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        inv_freq, self.magnitude = rope_inv_freq(cfg)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        # A plain fp32 attribute, not a buffer: model.to(bfloat16) must not round the frequencies.
+        self.inv_freq, self.magnitude = rope_inv_freq(cfg)
 
     def forward(self, positions_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        angles = positions_BT[..., None].float() * self.inv_freq
+        angles = positions_BT[..., None].float() * self.inv_freq.to(positions_BT.device)
         return angles.cos() * self.magnitude, angles.sin() * self.magnitude
 
 

@@ -143,8 +143,11 @@ class Transformer(nn.Module):
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
         if cache is not None and slots is None:
             slots = torch.arange(B, device=input_ids.device)
+        history = cache is not None and bool((positions[:, 0] > 0).any())
         if absorb is None:
-            absorb = cache is not None and bool((positions[:, 0] > 0).any())
+            absorb = history
+        elif history and not absorb:
+            raise ValueError("the naive MLA path cannot attend to cached history; use absorb=True (or None)")
         return positions, slots, absorb
 
     def _check_ids(self, input_ids, positions):
