@@ -1,6 +1,6 @@
 """The `nanoseek` command line: one entry point, one sub-command per stage.
 
-Stages land as their issues do; today: `demo` (the embedded default job), `train` and `info`.
+Stages land as their issues do; today: `demo` (the embedded default job), `train`, `tokenizer` and `info`.
 """
 
 from __future__ import annotations
@@ -92,6 +92,18 @@ def cmd_train(args) -> None:
               + f"; checkpoints in {trainer.ckpt_dir}, metrics and plots in {args.out}")
 
 
+def cmd_tokenizer(args) -> None:
+    """Train a byte-level BPE tokenizer on local files (or the embedded corpus) and save it."""
+    from .data import default_corpus, load_documents, train_tokenizer
+
+    docs = load_documents(args.data, text_field=args.text_field) if args.data else default_corpus(args.corpus_docs)
+    if not docs:
+        raise ValueError(f"no documents found in {args.data}")
+    tok = train_tokenizer(docs, vocab_size=args.vocab_size)
+    tok.save(args.out)
+    print(f"trained a {tok.vocab_size}-token byte-level BPE on {len(docs):,} documents; saved to {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nanoseek", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -121,6 +133,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer (tokenizer.json + tokenizer_config.json)")
+    p.add_argument("--out", required=True, help="folder to write the tokenizer into")
+    p.add_argument("--data", nargs="*", default=None, help="local .txt/.jsonl/.parquet files or folders "
+                   "(default: the embedded task corpus)")
+    p.add_argument("--text-field", default="text", help="jsonl/parquet column with the documents (default: text)")
+    p.add_argument("--vocab-size", type=int, default=8192, help="upper bound on the vocabulary (default: 8192)")
+    p.add_argument("--corpus-docs", type=int, default=6000, help="documents of the embedded corpus (default: 6000)")
+    p.set_defaults(func=cmd_tokenizer)
 
     p = sub.add_parser("info", help="parameter counts and KV-cache size of a preset or checkpoint")
     p.add_argument("--preset", default="small", choices=sorted(PRESETS), help="model preset (default: small)")

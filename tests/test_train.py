@@ -159,3 +159,18 @@ def test_cli_train_sigkill_leaves_loadable_checkpoint(tmp_path):
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming at step" in resumed.stdout
+
+
+def test_cli_tokenizer_then_train_with_it(tmp_path):
+    from nanoseek.cli import main
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("\n".join(json.dumps({"text": f"document {i}: {i} + {i} = {2 * i}"}) for i in range(400)))
+    assert main(["tokenizer", "--out", str(tmp_path / "tok"), "--data", str(docs), "--vocab-size", "300"]) == 0
+    assert main(["tokenizer", "--out", str(tmp_path / "x"), "--data", str(tmp_path / "missing.jsonl")]) == 2
+    cfg = {**TINY, "max_steps": 2, "save_every": 0, "val_every": 0, "seq_len": 32}
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    assert main(["train", "--config", str(tmp_path / "cfg.json"), "--out", str(tmp_path / "run"), "--data", str(docs),
+                 "--tokenizer", str(tmp_path / "tok"), "--no-progress"]) == 0
+    model = nanoseek.from_pretrained(list_checkpoints(str(tmp_path / "run" / "checkpoints"))[-1])
+    from nanoseek.data import Tokenizer
+    assert model.cfg.vocab_size == Tokenizer.load(str(tmp_path / "tok")).vocab_size
