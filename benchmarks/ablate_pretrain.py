@@ -2,6 +2,7 @@
 
   aux_free   MoE, auxiliary-loss-free bias balancing + sequence-wise loss (alpha 1e-4), MTP on  (V3 recipe)
   aux_loss   MoE, classic batch-wise auxiliary loss (alpha 1e-2), no bias updates, MTP on
+  aux_free_g01  as aux_free with the bias update speed gamma = 1e-2 instead of 1e-3
   no_mtp     as aux_free with the MTP loss off (lambda = 0)
   dense      dense SwiGLU FFN with the same activated parameters per token, MTP on
 
@@ -28,6 +29,8 @@ ARMS = {
     "aux_free": dict(balance="aux_free"),
     "aux_loss": dict(balance="aux_loss"),
     "no_mtp": dict(balance="aux_free", mtp_lambda=0.0, mtp_lambda_late=0.0),
+    # gamma 10x the V3 value: V3 ran ~10^5 steps at gamma 1e-3; 200 steps move a bias by 0.2 at most
+    "aux_free_g01": dict(balance="aux_free", bias_gamma=1e-2),
     # 3 x 256 x 672 per layer ~= the MoE model's activated FFN (1 dense 768-wide layer + 3 x (4 routed + 1 shared) x 128)
     "dense": dict(balance="none", model={"n_routed_experts": 0, "intermediate_size": 672}),
 }

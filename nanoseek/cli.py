@@ -147,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="small", choices=sorted(PRESETS), help="model preset (default: small)")
     p.add_argument("--model", default=None, help="an HF-format checkpoint folder (overrides --preset)")
     p.set_defaults(func=cmd_info)
+
+    # generate, chat, serve: nanoseek/serve/commands.py (FastAPI/uvicorn imported only by serve)
+    from .serve.commands import add_parsers as add_inference_parsers
+    add_inference_parsers(sub)
     return parser
 
 

@@ -17,6 +17,10 @@ import torch
 import nanoseek
 from nanoseek import ModelConfig
 
+# Tiny models: thread start-up dominates their matmuls, and on a shared 2-core CI box a second thread
+# mostly waits; one thread is faster and steadier.
+torch.set_num_threads(1)
+
 
 # ---- weight perturbation and comparisons --------------------------------------------------------
 

@@ -174,3 +174,13 @@ def test_cli_tokenizer_then_train_with_it(tmp_path):
     model = nanoseek.from_pretrained(list_checkpoints(str(tmp_path / "run" / "checkpoints"))[-1])
     from nanoseek.data import Tokenizer
     assert model.cfg.vocab_size == Tokenizer.load(str(tmp_path / "tok")).vocab_size
+
+
+def test_dense_model_trains_and_plots(tmp_path):
+    out = str(tmp_path / "dense")
+    cfg = TrainConfig(**{**TINY, "max_steps": 2, "save_every": 0, "val_every": 0, "balance": "none",
+                         "model": {"n_routed_experts": 0}})
+    t = Trainer(cfg, out, progress=False)
+    assert not t.model.moe_layers()
+    t.fit()
+    assert os.path.isfile(os.path.join(out, "loss.png")) and not os.path.exists(os.path.join(out, "expert_load.png"))

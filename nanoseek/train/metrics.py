@@ -87,7 +87,7 @@ def write_plots(out_dir: str) -> list[str]:
         fig.savefig(written[-1], dpi=110)
         plt.close(fig)
     loads = read_jsonl(os.path.join(out_dir, "expert_load.jsonl"))
-    if loads:
+    if loads and loads[0]["load"]:  # a dense model has no MoE layers to draw
         layers = list(loads[0]["load"])
         fig, axes = plt.subplots(1, len(layers), figsize=(4 * len(layers), 3.6), squeeze=False)
         for ax, layer in zip(axes[0], layers):

@@ -1,0 +1,19 @@
+"""Reinforcement learning for the R1 recipe: rule-based rewards and the GRPO objective.
+
+- rewards.py: accuracy / format / language-consistency / length / repetition rewards with a
+  TRL-style batch API, a registry and `combine` for weighted sums with per-reward logging.
+- grpo_loss.py: group advantages, the clipped surrogate with k3 KL and GRPO / Dr. GRPO / DAPO
+  aggregation, entropy and reflection metrics. Pure tensor functions, no model code.
+"""
+
+from .grpo_loss import (LOSS_TYPES, REFLECTION_WORDS, group_advantages, grpo_loss, reflection_share, token_entropy,
+                        zero_variance_mask)
+from .rewards import (REWARDS, CombinedReward, RewardFunction, RewardScores, accuracy_reward, combine,
+                      cosine_length_reward, final_answer, format_reward, get_reward, gold_text, is_correct,
+                      language_consistency_reward, math_equal, repetition_penalty_reward, soft_overlong_reward)
+
+__all__ = ["LOSS_TYPES", "REFLECTION_WORDS", "REWARDS", "CombinedReward", "RewardFunction", "RewardScores",
+           "accuracy_reward", "combine", "cosine_length_reward", "final_answer", "format_reward", "get_reward",
+           "gold_text", "group_advantages", "grpo_loss", "is_correct", "language_consistency_reward", "math_equal",
+           "reflection_share", "repetition_penalty_reward", "soft_overlong_reward", "token_entropy",
+           "zero_variance_mask"]

@@ -1,0 +1,214 @@
+"""The `generate`, `chat` and `serve` command-line stages.
+
+- generate: one prompt, the completion streamed to stdout as tokens arrive (stats on stderr).
+- chat: a REPL on stdin that keeps the conversation, streams the reply and shows R1 reasoning dimmed
+  (on a terminal) or prefixed with "[reasoning] " (piped); `/reset` and `/exit`; EOF exits.
+- serve: the OpenAI-compatible server (nanoseek/serve/app.py) under uvicorn, on 127.0.0.1 by default.
+
+All three drive the same LLMEngine: `generate`/`chat` step it in the foreground, `serve` hands it to
+the background EngineRunner. FastAPI and uvicorn are imported only by `serve`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Iterator
+
+_DIM, _RESET = "\x1b[2m", "\x1b[0m"
+
+
+def add_parsers(sub) -> None:
+    """Register the generate, chat and serve sub-commands on an argparse sub-parsers object."""
+    p = sub.add_parser("generate", help="complete one prompt, streaming the text to stdout")
+    _model_flags(p)
+    p.add_argument("--prompt", required=True, help="the prompt text (use - to read it from stdin)")
+    _sampling_flags(p, max_tokens=128)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive chat on stdin (/reset, /exit; shows R1 reasoning dimmed)")
+    _model_flags(p)
+    _sampling_flags(p, max_tokens=1024)
+    p.add_argument("--system", default=None, help="a system message opening the conversation")
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
+    _model_flags(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, local only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--api-key", default=os.environ.get("NANOSEEK_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $NANOSEEK_API_KEY, else none)")
+    p.add_argument("--served-model-name", default=None, help="model id clients use (default: the folder name)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn log level (default: info)")
+    p.set_defaults(func=cmd_serve)
+
+
+def _model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="HF-format checkpoint folder with tokenizer.json (e.g. written by nanoseek train)")
+    p.add_argument("--max-num-seqs", type=int, default=None,
+                   help="sequences decoded at once = cache slots (default: 1 for generate/chat, 16 for serve)")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="longest prompt + completion in tokens (default: the model's max_position_embeddings)")
+    p.add_argument("--speculative", default=None, choices=["mtp"], help="MTP self-speculative decoding")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="parameter dtype (default: the checkpoint's)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+
+
+def _sampling_flags(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    p.add_argument("--max-tokens", type=int, default=max_tokens, help=f"tokens to generate (default: {max_tokens})")
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default: 0.7)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0 = off)")
+    p.add_argument("--top-k", type=int, default=-1, help="keep the k most likely tokens (default: -1 = off)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+
+
+def load_llm(args, default_seqs: int):
+    """An LLM for the model folder in args (its tokenizer.json required), on args.device."""
+    import torch
+
+    from ..checkpoint import from_pretrained
+    from ..data.tokenizer import Tokenizer
+    from ..infer.llm import LLM
+
+    tokenizer = Tokenizer.load(args.model)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = from_pretrained(args.model, dtype=getattr(torch, args.dtype) if args.dtype else None, device=device)
+    return LLM(model, tokenizer, max_num_seqs=args.max_num_seqs or default_seqs, max_model_len=args.max_model_len,
+               speculative=args.speculative or False)
+
+
+def _params(args, max_tokens: int):
+    from ..infer.params import SamplingParams
+
+    return SamplingParams(max_tokens=max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                          seed=args.seed)
+
+
+def stream_request(engine, request_id: str, ids: list[int], params) -> Iterator:
+    """Run one request on an idle engine, yielding its CompletionOutput (with delta_text) per step.
+
+    The request is aborted if the consumer stops early (e.g. on Ctrl-C).
+    """
+    engine.add_request(request_id, ids, params)
+    done = False
+    try:
+        while not done:
+            for out in engine.step():
+                if out.request_id == request_id:
+                    done = out.finished
+                    yield out.outputs[0]
+    finally:
+        if not done:
+            engine.abort_request(request_id)
+
+
+def cmd_generate(args) -> None:
+    """Complete --prompt and stream the text to stdout; tokens/s (and MTP acceptance) go to stderr."""
+    llm = load_llm(args, default_seqs=1)
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    ids = llm.tokenizer.encode(prompt)
+    engine = llm.llm_engine
+    max_tokens = min(args.max_tokens, engine.max_model_len - len(ids))
+    if max_tokens < 1:
+        raise ValueError(f"the prompt ({len(ids)} tokens) leaves no room in max_model_len={engine.max_model_len}")
+    t0, out = time.perf_counter(), None
+    for out in stream_request(engine, "generate", ids, _params(args, max_tokens)):
+        sys.stdout.write(out.delta_text)
+        sys.stdout.flush()
+    dt = time.perf_counter() - t0
+    sys.stdout.write("\n")
+    n = len(out.token_ids) if out else 0
+    spec = (f", MTP acceptance {engine.spec_stats['acceptance_rate']:.0%}" if engine.speculative else "")
+    print(f"[{n} tokens in {dt:.2f}s, {n / dt:.1f} tokens/s, finish_reason {out.finish_reason if out else None}"
+          f"{spec}]", file=sys.stderr)
+
+
+def cmd_chat(args) -> None:
+    """A REPL: each stdin line is a user turn; /reset forgets the conversation, /exit (or EOF) quits."""
+    from ..infer.reasoning import ReasoningStream, prompt_opens_think
+
+    llm = load_llm(args, default_seqs=1)
+    tok, engine = llm.tokenizer, llm.llm_engine
+    tty_in, tty_out = sys.stdin.isatty(), sys.stdout.isatty()
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict[str, str]] = []
+    if tty_in:
+        print(f"nanoseek chat ({args.model}); /reset clears the conversation, /exit or Ctrl-D quits.", file=sys.stderr)
+    turn = 0
+    while True:
+        if tty_in:
+            sys.stdout.write("> ")
+            sys.stdout.flush()
+        line = sys.stdin.readline()
+        if not line:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            break
+        if line == "/reset":
+            history.clear()
+            print("(conversation cleared)")
+            continue
+        history.append({"role": "user", "content": line})
+        while True:  # drop the oldest turns until the prompt leaves room for a reply
+            text = tok.apply_chat_template(system + history, add_generation_prompt=True)
+            ids = tok.encode(text)
+            room = engine.max_model_len - len(ids)
+            if room >= min(args.max_tokens, 16) or len(history) <= 1:
+                break
+            del history[:2]
+        if room < 1:
+            print(f"(message too long: {len(ids)} tokens, max_model_len {engine.max_model_len})", file=sys.stderr)
+            history.pop()
+            continue
+        splitter, in_reasoning, content = ReasoningStream(prompt_opens_think(text)), False, []
+        turn += 1
+        try:
+            for out in stream_request(engine, f"chat-{turn}", ids, _params(args, min(args.max_tokens, room))):
+                r, c = splitter.feed(out.delta_text)
+                if out.finish_reason:
+                    r2, c2 = splitter.finish()
+                    r, c = r + r2, c + c2
+                if r:
+                    if not in_reasoning:
+                        sys.stdout.write(_DIM if tty_out else "[reasoning] ")
+                        in_reasoning = True
+                    sys.stdout.write(r)
+                if c:
+                    if in_reasoning:
+                        sys.stdout.write(_RESET if tty_out else "\n")
+                        in_reasoning = False
+                    content.append(c)
+                    sys.stdout.write(c)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            sys.stdout.write(" [interrupted]")
+        if in_reasoning and tty_out:
+            sys.stdout.write(_RESET)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        # R1 practice: earlier turns keep only their answers, not their reasoning
+        history.append({"role": "assistant", "content": "".join(content).strip()})
+
+
+def cmd_serve(args) -> None:
+    """Load the model and serve it over HTTP until interrupted."""
+    import uvicorn
+
+    from .app import create_app
+
+    llm = load_llm(args, default_seqs=16)
+    name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
+    engine = llm.llm_engine
+    print(f"serving {name!r} from {args.model} on http://{args.host}:{args.port}/v1 "
+          f"({engine.max_num_seqs} sequences, max_model_len {engine.max_model_len}"
+          f"{', MTP speculative' if engine.speculative else ''}{', API key required' if args.api_key else ''}); "
+          f"{engine.cache_info}", file=sys.stderr)
+    uvicorn.run(create_app(llm, name, api_key=args.api_key), host=args.host, port=args.port,
+                log_level=args.log_level, timeout_graceful_shutdown=5)

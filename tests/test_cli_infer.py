@@ -1,0 +1,134 @@
+"""End-to-end tests of `nanoseek generate`, `nanoseek chat` and `nanoseek serve` at tiny size (subprocesses).
+
+The model is the tiny preset fitted to one R1-style chat transcript and one sentence, so greedy
+outputs are known text and the chat reply carries a <think> block.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import nanoseek
+from nanoseek.data import default_corpus, train_tokenizer
+from nanoseek.infer import LLM, SamplingParams
+
+QUESTION = "What is 2+2?"
+REASONING, ANSWER = "\nadd two and two\n", "\n<answer>4</answer>"
+SENTENCE = "The quick brown fox jumps over the lazy dog. "
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny_cli")
+    tok = train_tokenizer(default_corpus(200), vocab_size=512)
+    torch.manual_seed(0)
+    model = nanoseek.build_model(nanoseek.ModelConfig.preset("tiny", vocab_size=tok.vocab_size), seed=0)
+    chat = tok.apply_chat_template([{"role": "user", "content": QUESTION},
+                                    {"role": "assistant", "content": f"<think>{REASONING}</think>{ANSWER}"}],
+                                   add_generation_prompt=False)
+    docs = [torch.tensor(tok.encode(t)) for t in (chat, SENTENCE * 3)]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # steadier than 2 threads on a shared 2-core machine
+    try:
+        for _ in range(80):
+            loss = sum(torch.nn.functional.cross_entropy(model(x[None, :-1])[0], x[1:]) for x in docs)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    model.eval().save_pretrained(d)
+    tok.save(d)
+    return str(d)
+
+
+def nanoseek_cli(*args, stdin: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nanoseek.cli", *args], input=stdin, capture_output=True, text=True,
+                          timeout=timeout, env=ENV)
+
+
+def test_generate_streams_the_greedy_completion(model_dir):
+    r = nanoseek_cli("generate", model_dir, "--prompt", "The quick brown", "--max-tokens", "12", "--temperature", "0",
+                     "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    offline = LLM(model_dir).generate("The quick brown", SamplingParams(max_tokens=12, temperature=0))
+    assert r.stdout == offline[0].outputs[0].text + "\n"
+    assert r.stdout.startswith(" fox jumps over")
+    assert "12 tokens" in r.stderr and "tokens/s" in r.stderr
+
+
+def test_generate_speculative_mtp_keeps_greedy_output(model_dir):
+    r = nanoseek_cli("generate", model_dir, "--prompt", "The quick brown", "--max-tokens", "10", "--temperature", "0",
+                     "--speculative", "mtp")
+    assert r.returncode == 0, r.stderr
+    offline = LLM(model_dir).generate("The quick brown", SamplingParams(max_tokens=10, temperature=0))
+    assert r.stdout == offline[0].outputs[0].text + "\n"   # greedy speculative decoding is exact
+    assert "MTP acceptance" in r.stderr
+
+
+def test_generate_errors_are_reported(model_dir, tmp_path, capsys):
+    from nanoseek.cli import main
+    assert main(["generate", str(tmp_path), "--prompt", "x"]) == 2
+    assert "tokenizer.json" in capsys.readouterr().err
+    assert main(["generate", model_dir, "--prompt", "x", "--temperature", "-1", "--device", "cpu"]) == 2
+    assert "temperature" in capsys.readouterr().err
+
+
+def test_chat_repl_from_piped_stdin(model_dir):
+    stdin = f"{QUESTION}\n/reset\n\n{QUESTION}\n{QUESTION}\n"   # no /exit: EOF ends the session
+    r = nanoseek_cli("chat", model_dir, "--temperature", "0", "--max-tokens", "40", stdin=stdin)
+    assert r.returncode == 0, r.stderr
+    first, rest = r.stdout.split("(conversation cleared)\n")
+    # reasoning is shown with a prefix when stdout is not a terminal, then the answer
+    assert first == f"[reasoning] {REASONING}\n{ANSWER}\n"
+    assert rest.startswith(first) and rest.count("[reasoning]") == 2 and rest.endswith("\n")
+    assert "\x1b[" not in r.stdout  # no colour codes into a pipe
+
+
+def test_chat_exit_command(model_dir, monkeypatch, capsys):
+    import io
+    from nanoseek.cli import main
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"/exit\n{QUESTION}\n"))
+    assert main(["chat", model_dir, "--device", "cpu"]) == 0
+    assert capsys.readouterr().out == ""
+
+
+def test_serve_answers_the_openai_client(model_dir):
+    openai = pytest.importorskip("openai")
+    pytest.importorskip("uvicorn")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "nanoseek.cli", "serve", model_dir, "--port", str(port),
+                             "--served-model-name", "tiny", "--api-key", "k", "--max-num-seqs", "2",
+                             "--log-level", "warning"], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0, timeout=30)
+        deadline = time.time() + 60
+        while True:
+            try:
+                models = client.models.list()
+                break
+            except openai.APIConnectionError:
+                assert proc.poll() is None, proc.communicate()[1]
+                assert time.time() < deadline, "server did not come up"
+                time.sleep(0.2)
+        assert [m.id for m in models.data] == ["tiny"]
+        r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": QUESTION}],
+                                           temperature=0, max_tokens=40)
+        assert r.choices[0].message.content == ANSWER
+        assert r.choices[0].message.reasoning_content == REASONING
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    assert "serving 'tiny'" in err and "127.0.0.1" in err
