@@ -6,7 +6,6 @@ Stages land as their issues do; today: `demo` (the embedded default job), `train
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time

@@ -13,42 +13,15 @@ import sys
 import time
 
 import pytest
-import torch
 
-import nanoseek
-from nanoseek.data import default_corpus, train_tokenizer
 from nanoseek.infer import LLM, SamplingParams
-
-QUESTION = "What is 2+2?"
-REASONING, ANSWER = "\nadd two and two\n", "\n<answer>4</answer>"
-SENTENCE = "The quick brown fox jumps over the lazy dog. "
+from chat_model import ANSWER, QUESTION, REASONING, save_chat_model
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny_cli")
-    tok = train_tokenizer(default_corpus(200), vocab_size=512)
-    torch.manual_seed(0)
-    model = nanoseek.build_model(nanoseek.ModelConfig.preset("tiny", vocab_size=tok.vocab_size), seed=0)
-    chat = tok.apply_chat_template([{"role": "user", "content": QUESTION},
-                                    {"role": "assistant", "content": f"<think>{REASONING}</think>{ANSWER}"}],
-                                   add_generation_prompt=False)
-    docs = [torch.tensor(tok.encode(t)) for t in (chat, SENTENCE * 3)]
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # steadier than 2 threads on a shared 2-core machine
-    try:
-        for _ in range(80):
-            loss = sum(torch.nn.functional.cross_entropy(model(x[None, :-1])[0], x[1:]) for x in docs)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    finally:
-        torch.set_num_threads(threads)
-    model.eval().save_pretrained(d)
-    tok.save(d)
-    return str(d)
+    return save_chat_model(tmp_path_factory.mktemp("tiny_cli"))
 
 
 def nanoseek_cli(*args, stdin: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess:

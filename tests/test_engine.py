@@ -20,15 +20,6 @@ from nanoseek.infer.detokenizer import IncrementalDetokenizer
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: on a shared CPU, intra-op threads cost more in synchronization than they gain."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _model(seed=0, **overrides) -> nanoseek.Transformer:
     cfg = ModelConfig.preset("tiny", **{"initializer_range": 0.15, **overrides})
     return nanoseek.build_model(cfg, seed=seed).eval()

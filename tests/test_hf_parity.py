@@ -202,7 +202,7 @@ def test_export_loads_in_transformers(which, export_models, tmp_path, assert_rel
     model = export_models[which]
     model.save_pretrained(tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]
-    info = _check_hf_load(tmp_path, model, assert_rel_close)
+    _check_hf_load(tmp_path, model, assert_rel_close)
     if model.cfg.num_nextn_predict_layers:
         stored = load_file(tmp_path / "model.safetensors")
         mtp = {k for k in stored if k.startswith(f"model.layers.{model.cfg.num_hidden_layers}.")}

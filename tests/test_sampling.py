@@ -14,15 +14,6 @@ from nanoseek.infer import LLM, SamplingParams, greedy_generate
 from nanoseek.infer.sampler import apply_penalties, sample_from_probs, truncate
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: on a shared CPU, intra-op threads cost more in synchronization than they gain."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def model():
     cfg = ModelConfig.preset("tiny", initializer_range=0.15)

@@ -16,9 +16,8 @@ import time
 import pytest
 import torch
 
-import nanoseek
-from nanoseek.data import default_corpus, train_tokenizer
 from nanoseek.infer import LLM, SamplingParams
+from chat_model import ANSWER, QUESTION, REASONING, save_chat_model  # noqa: E402
 
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
@@ -27,45 +26,9 @@ uvicorn = pytest.importorskip("uvicorn")
 from nanoseek.serve import create_app  # noqa: E402
 
 KEY = "test-key"
-QUESTION = "What is 2+2?"
-REASONING, ANSWER = "\nadd two and two\n", "\n<answer>4</answer>"
-SENTENCE = "The quick brown fox jumps over the lazy dog. "
-
-
-def train_tiny(tok, steps: int = 80) -> nanoseek.Transformer:
-    """The tiny preset, fitted to one chat transcript with a think block and one repeated sentence."""
-    torch.manual_seed(0)
-    model = nanoseek.build_model(nanoseek.ModelConfig.preset("tiny", vocab_size=tok.vocab_size), seed=0)
-    chat = tok.apply_chat_template([{"role": "user", "content": QUESTION},
-                                    {"role": "assistant", "content": f"<think>{REASONING}</think>{ANSWER}"}],
-                                   add_generation_prompt=False)
-    docs = [torch.tensor(tok.encode(t)) for t in (chat, SENTENCE * 3)]
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    model.train()
-    for _ in range(steps):
-        loss = sum(torch.nn.functional.cross_entropy(model(x[None, :-1])[0], x[1:]) for x in docs)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
-def one_thread():
-    """One torch thread: on a shared 2-core machine this keeps step times steady."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, one_thread):
-    d = tmp_path_factory.mktemp("tiny_chat")
-    tok = train_tokenizer(default_corpus(200), vocab_size=512)
-    train_tiny(tok).save_pretrained(d)
-    tok.save(d)
-    return d
+def model_dir(tmp_path_factory):
+    return save_chat_model(tmp_path_factory.mktemp("tiny_chat"))
 
 
 class Server:

@@ -16,15 +16,6 @@ from nanoseek.infer.model_runner import ModelRunner
 from nanoseek.infer.sampler import truncate
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: on a shared CPU, intra-op threads cost more in synchronization than they gain."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _random_mtp_model() -> nanoseek.Transformer:
     """Two layers and an untrained MTP module: its drafts are almost always rejected."""
     return nanoseek.build_model(ModelConfig.preset("tiny", initializer_range=0.15), seed=21).eval()

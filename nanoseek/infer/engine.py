@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +26,7 @@ import torch
 from ..model import Transformer
 from . import speculative
 from .model_runner import ModelRunner
-from .outputs import Logprob, PositionLogprobs, RequestOutput
+from .outputs import PositionLogprobs, RequestOutput
 from .params import SamplingParams
 from .sampler import SamplingBatch, logprobs_of, sample_from_probs
 from .scheduler import Scheduler
