@@ -45,12 +45,13 @@ from common import (EXPERTS_IMPLS, alternate, build_pair, fmt_int, load_hf, load
 MTP_WEIGHT = 0.3
 
 
-def make_steps(pair, hf_models: dict, x: torch.Tensor, y: torch.Tensor, bf16: bool, lr: float):
+def make_steps(pair, hf_models: dict, x: torch.Tensor, y: torch.Tensor, bf16: bool, lr: float,
+               fused: bool = False):
     """name -> closure running one training step and returning the loss (float)."""
     ns = pair.ns.train()
-    ns_opt = torch.optim.AdamW(ns.parameters(), lr=lr)
+    ns_opt = torch.optim.AdamW(ns.parameters(), lr=lr, fused=fused or None)
     ns_mtp = copy.deepcopy(ns)  # own copy + optimizer, so each row's step-0 loss starts from the same weights
-    mtp_opt = torch.optim.AdamW(ns_mtp.parameters(), lr=lr)
+    mtp_opt = torch.optim.AdamW(ns_mtp.parameters(), lr=lr, fused=fused or None)
     V = pair.cfg.vocab_size
 
     def ce(logits, target):
@@ -83,7 +84,7 @@ def make_steps(pair, hf_models: dict, x: torch.Tensor, y: torch.Tensor, bf16: bo
     steps = {"nanoseek": ns_step, "nanoseek+MTP": ns_mtp_step}
     for impl, hf in hf_models.items():
         hf.train()
-        opt = torch.optim.AdamW(hf.parameters(), lr=lr)
+        opt = torch.optim.AdamW(hf.parameters(), lr=lr, fused=fused or None)
 
         def hf_step(hf=hf, opt=opt):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), record_function("## forward"):
@@ -117,7 +118,7 @@ def run_precision(args, precision: str, peak: float) -> list[dict]:
     g = torch.Generator().manual_seed(args.seed + 1)
     seq = torch.randint(0, pair.cfg.vocab_size, (args.batch, args.seq_len + 1), generator=g)
     x, y = seq[:, :-1].contiguous(), seq[:, 1:].contiguous()
-    steps = make_steps(pair, hf_models, x, y, bf16, args.lr)
+    steps = make_steps(pair, hf_models, x, y, bf16, args.lr, args.fused_adamw)
     if args.no_mtp_row:
         steps.pop("nanoseek+MTP")
 
@@ -169,6 +170,8 @@ def main() -> None:
                     help=f"comma-separated HF experts implementations to run as rows ({', '.join(EXPERTS_IMPLS)})")
     ap.add_argument("--no-mtp-row", action="store_true", help="skip the nanoseek+MTP row")
     ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--fused-adamw", action="store_true",
+                    help="AdamW(fused=True) for every row (default: torch's default AdamW, the for-loop on CPU)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)")
     ap.add_argument("--peak-fp32", type=float, default=None, help="GFLOP/s; default: measure now")

@@ -55,6 +55,9 @@ def load_report(when: str) -> str:
     if one > 0.5 * (os.cpu_count() or 1):
         line += ("\n  WARNING: other processes are using the CPUs; absolute numbers will be low and noisy "
                  "(the alternation keeps the nanoseek/HF ratios comparable)")
+        if os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
+            line += ("\n  TIP: on a busy machine run with OMP_WAIT_POLICY=PASSIVE: spinning OpenMP threads that share "
+                     "cores with other jobs made some steps 10-20x slower here")
     return line
 
 

@@ -184,3 +184,13 @@ def test_dense_model_trains_and_plots(tmp_path):
     assert not t.model.moe_layers()
     t.fit()
     assert os.path.isfile(os.path.join(out, "loss.png")) and not os.path.exists(os.path.join(out, "expert_load.png"))
+
+
+def test_load_tracker_ignores_layers_that_did_not_run():
+    model = nanoseek.build_model(nanoseek.ModelConfig.preset("tiny"), seed=0).train()
+    tracker = LoadTracker(model)
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 8))
+    model(ids)                                   # main model only: the MTP block's MoE does not run
+    tracker.accumulate()
+    assert list(tracker.counts) == ["model.layers.1.mlp"]
+    assert tracker.counts["model.layers.1.mlp"].sum() == 2 * 8 * model.cfg.num_experts_per_tok

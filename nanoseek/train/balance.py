@@ -61,9 +61,14 @@ class LoadTracker:
         self.counts: dict[str, torch.Tensor] = {}
 
     def accumulate(self) -> None:
+        """Add the counts of the MoE layers that ran in the last training forward (an MTP layer whose loss
+        is off does not run, and must not count as perfectly balanced), then drop their routing tensors."""
         for name, moe in self.model.moe_layers():
+            if moe.routing is None:
+                continue
             c = moe.tokens_per_expert.float()
             self.counts[name] = self.counts[name] + c if name in self.counts else c
+            moe.routing = None
 
     def max_vio(self) -> dict[str, float]:
         out = {}
