@@ -91,8 +91,11 @@ class Experts(nn.Module):
         token_S = order // K
         offsets = counts_E.cumsum(0).to(torch.int32)
         dtype = x_ND.dtype
-        if torch.is_autocast_enabled(x_ND.device.type):          # grouped_mm is not autocast-aware
-            dtype = torch.get_autocast_dtype(x_ND.device.type)
+        # grouped_mm is not autocast-aware. On CUDA, follow autocast (bf16 GEMMs are the fast path); on
+        # CPU keep the weights' dtype: without AMX, bf16 GEMMs run at about half the fp32 rate
+        # (190 vs 386 GFLOP/s measured by benchmarks/bench_matmul_peak.py on the 2-core dev machine).
+        if torch.is_autocast_enabled(x_ND.device.type):
+            dtype = torch.get_autocast_dtype(x_ND.device.type) if x_ND.is_cuda else self.down_proj.dtype
         w13, w2 = self.gate_up_proj.to(dtype), self.down_proj.to(dtype)
         # index_select/index_add (not x[idx] / scatter): their backward passes are a plain index_add/gather.
         x_SD = x_ND.to(dtype).index_select(0, token_S)
