@@ -51,14 +51,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=2048, help="matrix side (default 2048)")
     ap.add_argument("--reps", type=int, default=10, help="timed repetitions per dtype; the best counts")
+    ap.add_argument("--min-seconds", type=float, default=2.0, help="keep repeating until this much was timed")
     ap.add_argument("--sizes", type=int, nargs="*", default=None, help="also report these sides (e.g. 512 1024 4096)")
     args = ap.parse_args()
     print(machine_info())
     print(load_report("start"))
     for n in (args.sizes or [args.n]):
         for dtype in (torch.float32, torch.bfloat16):
-            gf = measure_peak(dtype, n, args.reps)
-            print(f"matmul {n}x{n}x{n} {str(dtype).replace('torch.', ''):>8}: {gf:8.1f} GFLOP/s (best of {args.reps})")
+            gf = measure_peak(dtype, n, args.reps, min_seconds=args.min_seconds)
+            print(f"matmul {n}x{n}x{n} {str(dtype).replace('torch.', ''):>8}: {gf:8.1f} GFLOP/s "
+                  f"(best of >= {args.reps} reps and >= {args.min_seconds:g} s)")
 
 
 if __name__ == "__main__":

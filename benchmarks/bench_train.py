@@ -10,7 +10,7 @@ Rows, per precision (fp32, and bf16 autocast over fp32 weights):
   HF <experts impl>    one row per HF experts implementation (default grouped_mm and eager); the ratio
                        is taken against the fastest HF row, so nanoseek is compared with HF's best on CPU.
                        (batched_mm gathers a weight copy per token-expert pair, ~3 GB per MoE layer here,
-                       and takes 25-60 s per step on 2 cores, so it is not a default row; add it with
+                       and took 25-60 s per step on 2 cores, so it is not a default row; add it with
                        --hf-experts grouped_mm,eager,batched_mm.)
 All rows run in one process, alternating every step (order flipped each round), after warm-up steps.
 
@@ -23,7 +23,7 @@ it understates that row's work.
 
     python benchmarks/bench_train.py                         # small preset, 8 x 256, fp32 + bf16
     python benchmarks/bench_train.py --steps 10 --precision fp32
-    python benchmarks/bench_train.py --profile               # + torch.profiler table of one nanoseek step
+    python benchmarks/bench_train.py --profile               # + torch.profiler table of nanoseek steps
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ from torch.profiler import record_function
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_matmul_peak import measure_peak  # noqa: E402
-from common import (EXPERTS_IMPLS, alternate, build_pair, fmt_int, load_hf, load_report, machine_info, median,  # noqa: E402
-                    spread, train_flops_per_token)
+from common import (EXPERTS_IMPLS, alternate, build_pair, fmt_int, load_hf, load_report,  # noqa: E402
+                    machine_info, median, spread, train_flops_per_token)
 
 MTP_WEIGHT = 0.3
 
@@ -190,8 +190,10 @@ def main() -> None:
     peaks = {}
     for p in precisions:
         given = args.peak_fp32 if p == "fp32" else args.peak_bf16
-        peaks[p] = given or measure_peak(torch.float32 if p == "fp32" else torch.bfloat16, 2048, reps=8)
-        print(f"matmul peak {p}: {peaks[p]:.1f} GFLOP/s ({'given' if given else 'measured, 2048^3 best of 8'})")
+        peaks[p] = given or measure_peak(torch.float32 if p == "fp32" else torch.bfloat16, 2048, reps=10,
+                                         min_seconds=2.0)
+        print(f"matmul peak {p}: {peaks[p]:.1f} GFLOP/s "
+              f"({'given' if given else 'measured: 2048^3, best of >= 10 reps and >= 2 s'})")
 
     import nanoseek  # FLOP breakdown once, on a throwaway model of the preset
     ns0 = nanoseek.build_model(nanoseek.ModelConfig.preset(args.preset), seed=args.seed)

@@ -44,20 +44,47 @@ def machine_info() -> str:
     except OSError:
         pass
     import transformers
-    return (f"{cpu}; {os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}; "
+    return (f"{cpu}; {os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}, "
+            f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}; "
             f"torch {torch.__version__}, transformers {transformers.__version__}, python {platform.python_version()}")
 
 
+def _cpu_times() -> tuple[int, int, int]:
+    """(total, idle+iowait, steal) jiffies from /proc/stat; zeros where unavailable."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0, 0
+    return sum(v[:8]), v[3] + v[4], v[7] if len(v) > 7 else 0
+
+
+def cpu_busy(seconds: float = 1.0) -> tuple[float, float] | None:
+    """Fraction of all CPUs busy (and stolen by the hypervisor) over `seconds` while this process sleeps,
+    i.e. what other jobs use; None where /proc/stat is unavailable."""
+    t0, i0, s0 = _cpu_times()
+    time.sleep(seconds)
+    t1, i1, s1 = _cpu_times()
+    if t1 <= t0:
+        return None
+    return 1 - (i1 - i0) / (t1 - t0), (s1 - s0) / (t1 - t0)
+
+
 def load_report(when: str) -> str:
-    """'load average at <when>: 1/5/15 min', plus a warning when the machine is visibly busy."""
+    """How busy the machine is *without* us (sampled for 1 s while idle), plus the load average."""
     one, five, fifteen = os.getloadavg()
-    line = f"load average at {when}: {one:.2f} / {five:.2f} / {fifteen:.2f} (1/5/15 min, {os.cpu_count()} CPUs)"
-    if one > 0.5 * (os.cpu_count() or 1):
+    busy = cpu_busy(1.0)
+    line = f"machine at {when}: "
+    if busy is not None:
+        line += f"{100 * busy[0]:.0f}% of the CPUs busy with other work (steal {100 * busy[1]:.0f}%) over 1 s; "
+    line += f"load average {one:.2f} / {five:.2f} / {fifteen:.2f} (includes this process's own recent work)"
+    if busy is not None and busy[0] > 0.1:
         line += ("\n  WARNING: other processes are using the CPUs; absolute numbers will be low and noisy "
                  "(the alternation keeps the nanoseek/HF ratios comparable)")
         if os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
-            line += ("\n  TIP: on a busy machine run with OMP_WAIT_POLICY=PASSIVE: spinning OpenMP threads that share "
-                     "cores with other jobs made some steps 10-20x slower here")
+            line += ("\n  TIP: on a shared machine run with OMP_WAIT_POLICY=PASSIVE: spinning OpenMP threads sharing "
+                     "the cores with other jobs made single steps 10-20x slower here (on an idle machine PASSIVE "
+                     "costs ~10-20%, so it is not the default)")
     return line
 
 
@@ -160,27 +187,6 @@ def hf_experts_impl(hf: torch.nn.Module) -> str:
         vals = sorted({str(v) for v in impl.values()})
         return vals[0] if len(vals) == 1 else ",".join(vals)
     return str(getattr(hf.config, "_experts_implementation", impl))
-
-
-def set_hf_experts_impl(hf: torch.nn.Module, impl: str) -> None:
-    hf.set_experts_implementation(impl)
-    assert hf_experts_impl(hf) == impl, (hf_experts_impl(hf), impl)
-
-
-def pick_fastest(label: str, candidates: list[str], run_one: Callable[[str], float]) -> str:
-    """Time `run_one(impl)` for each candidate (it returns seconds) and return the fastest; prints the table."""
-    results = {}
-    for impl in candidates:
-        try:
-            results[impl] = run_one(impl)
-        except Exception as e:  # an implementation that does not run here is simply not a candidate
-            print(f"  [{label}] HF experts_implementation={impl}: unavailable ({type(e).__name__}: {e})")
-    if not results:
-        raise RuntimeError(f"no HF experts implementation runs for {label}")
-    best = min(results, key=results.get)
-    print(f"  [{label}] HF experts_implementation probe (s per call, lower is better): "
-          + ", ".join(f"{k}={v:.3f}" for k, v in results.items()) + f" -> {best}")
-    return best
 
 
 # ---- FLOP accounting ------------------------------------------------------------------------------

@@ -65,7 +65,8 @@ def main() -> None:
     print(f"KV cache bytes per token, bf16 (2 bytes/element); measured = LatentCache(slots={args.slots}, "
           f"max_len={args.max_len}, with_mtp=False).nbytes / (slots*max_len)")
     hdr = (f"{'preset':9s} {'layers':>6s} {'heads':>5s} {'c_KV+k_pe':>9s} {'MLA B/tok':>10s} {'measured':>9s} "
-           f"{'HF measured':>11s} {'MHA B/tok':>11s} {'MHA/MLA':>8s} {'MLA per 128K seq':>17s} {'MHA per 128K seq':>17s}")
+           f"{'HF measured':>11s} {'MHA B/tok':>11s} {'MHA/MLA':>8s} {'MLA per 128K seq':>17s} "
+           f"{'MHA per 128K seq':>17s}")
     print(hdr)
     print("-" * len(hdr))
     ok = True

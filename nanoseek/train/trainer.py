@@ -92,7 +92,7 @@ class Trainer:
         no_decay = [p for p in self.model.parameters() if p.dim() < 2]
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=True)
+            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)  # fused: ~3x faster step on CPU (benchmarks/README.md)
         self.step = 0
         if latest is not None:
             state = load_trainer_state(latest, self.optimizer)
