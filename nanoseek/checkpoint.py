@@ -22,6 +22,7 @@ from collections import defaultdict
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tqdm import tqdm
 
 from .config import ModelConfig
 from .fp8 import block_dequantize, block_quantize
@@ -128,7 +129,8 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
     state: dict[str, torch.Tensor] = {}
     experts: dict[str, dict[str, dict[int, torch.Tensor]]] = defaultdict(lambda: defaultdict(dict))
     unexpected = []
-    for name in files:
+    # Real DeepSeek checkpoints hold ~92k tensors in 163 shards: show progress there, stay quiet for small ones.
+    for name in tqdm(files, desc=f"loading {os.path.basename(path)}", unit="tensor", disable=len(files) < 5000):
         if name.endswith("_scale_inv"):
             if name[: -len("_scale_inv")] not in files:
                 unexpected.append(name)
