@@ -124,7 +124,7 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
 
     with torch.device("meta"):
         model = Transformer(cfg)
-    expected = {k: v for k, v in model.state_dict().items()}
+    expected = model.state_dict()
     reader = _Reader(files)
     state: dict[str, torch.Tensor] = {}
     experts: dict[str, dict[str, dict[int, torch.Tensor]]] = defaultdict(lambda: defaultdict(dict))
@@ -193,7 +193,7 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
                               + ", ".join(_internal_to_hf(k, cfg) for k in missing[:8])
                               + (" ..." if len(missing) > 8 else ""))
     model.load_state_dict(state, assign=True, strict=True)
-    model.rotary = type(model.rotary)(cfg).to(device)  # non-persistent buffers were built on meta
+    model.rotary = type(model.rotary)(cfg)  # its frequency table was built on the meta device
     for _, moe in model.moe_layers():
         moe.tokens_per_expert = torch.zeros(cfg.n_routed_experts, dtype=torch.long, device=device)
     return model.eval()

@@ -93,13 +93,11 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)  # fused: ~3x faster step on CPU (benchmarks/README.md)
-        self.step = 0
+        self.step, self.bad_steps = 0, 0
         if latest is not None:
             state = load_trainer_state(latest, self.optimizer)
-            self.step = state["step"]
+            self.step, self.bad_steps = state["step"], state.get("bad_steps", 0)
             self.data.train.load_state_dict(state["data"])
-            self.bad_steps = state.get("bad_steps", 0)
-        self.bad_steps = getattr(self, "bad_steps", 0)
         self.tracker = LoadTracker(self.model)
         self.metrics = MetricsLog(out_dir, resume_step=self.step if latest is not None else None)
         self.flops_per_token = flops_per_token(self.model, cfg.seq_len)
