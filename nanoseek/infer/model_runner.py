@@ -62,13 +62,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def mtp_fill(self, h_BTD: torch.Tensor, next_ids: list[list[int]], slots: list[int], k: int = 0) -> None:
-        """Write MTP module k's latents for positions 0..T-1 (a prefill) without the vocabulary projection
-        that `Transformer.mtp_step` would add (T x vocab logits nobody reads)."""
+        """Write MTP module k's latents for positions 0..T-1 (a prefill); no logits are computed."""
         ids_BT = self._tensor(next_ids)
         positions = torch.arange(ids_BT.shape[1], device=self.device).expand_as(ids_BT)
-        cos, sin = self.model.rotary(positions)
-        self.model.mtp[k](h_BTD, self.model.model.embed_tokens(ids_BT), cos, sin, positions, self.cache,
-                          self._tensor(slots), absorb=False)
+        self.model.mtp_step(k, h_BTD, ids_BT, positions, self.cache, self._tensor(slots), absorb=False, logits=False)
 
     @torch.inference_mode()
     def logits(self, h: torch.Tensor) -> torch.Tensor:

@@ -129,13 +129,15 @@ class Transformer(nn.Module):
 
     def mtp_step(self, k: int, h_BTD: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor,
                  cache: LatentCache | None = None, slots: torch.Tensor | None = None,
-                 absorb: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """One MTP module (0-based k) for drafting: returns (its hidden state, the logits of token i+k+2)."""
+                 absorb: bool | None = None, logits: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One MTP module (0-based k) for drafting: returns (its hidden state, the logits of token i+k+2).
+
+        `logits=False` skips the vocabulary projection (None instead), e.g. when only filling the cache."""
         module = self.mtp[k]
         positions, slots, absorb = self._prepare(next_ids, positions, cache, slots, absorb)
         cos, sin = self.rotary(positions)
         h = module(h_BTD, self.model.embed_tokens(next_ids), cos, sin, positions, cache, slots, absorb)
-        return h, self.lm_head(module.shared_head.norm(h))
+        return h, (self.lm_head(module.shared_head.norm(h)) if logits else None)
 
     def _prepare(self, input_ids, positions, cache, slots, absorb):
         B, T = input_ids.shape
