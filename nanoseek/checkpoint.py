@@ -64,13 +64,20 @@ class _Reader:
         self.files = files
         self._open = {}
 
-    def get(self, name: str) -> torch.Tensor:
+    def _shard(self, name: str):
         file = self.files[name]
         if file not in self._open:
             if not os.path.isfile(file):
                 raise CheckpointError(f"tensor {name}: shard {file} is missing")
             self._open[file] = safe_open(file, framework="pt")
-        return self._open[file].get_tensor(name)
+        return self._open[file]
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._shard(name).get_tensor(name)
+
+    def shape(self, name: str) -> list[int]:
+        """The stored shape, without reading the data."""
+        return self._shard(name).get_slice(name).get_shape()
 
     def get_dequantized(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         t = self.get(name)
@@ -145,9 +152,7 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
                 continue
             if rest in _MTP_COPIES:  # physical copies of the shared embedding / head: check, then drop
                 shared = "model.embed_tokens.weight" if rest == "embed_tokens.weight" else "lm_head.weight"
-                with safe_open(files[name], framework="pt") as f:
-                    shape = f.get_slice(name).get_shape()
-                _check_shape(name, shape, expected[shared].shape)
+                _check_shape(name, reader.shape(name), expected[shared].shape)
                 continue
         m = _EXPERT.match(internal)
         if m:
@@ -166,7 +171,7 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
             if key not in expected:
                 unexpected.extend(n for p in fused for n in parts[p].values())
                 continue
-            n_exp = expected[key].shape[0]
+            n_exp, rows, cols = expected[key].shape
             per_expert = []
             for e in range(n_exp):
                 pieces = []
@@ -174,7 +179,6 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
                     if e not in parts[p]:
                         raise CheckpointError(f"missing tensor {_internal_to_hf(prefix, cfg)}.{e}.{p}.weight")
                     piece = reader.get_dequantized(parts[p][e], dtype)
-                    E, rows, cols = expected[key].shape
                     _check_shape(parts[p][e], piece.shape, (rows // len(fused), cols))
                     pieces.append(piece)
                 per_expert.append(torch.cat(pieces, 0))

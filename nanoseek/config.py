@@ -200,7 +200,6 @@ class ModelConfig:
         for key in known - {"model_type", "rope_scaling"}:
             if key in hf:
                 kwargs[key] = hf[key]
-        # V2 defaults differ from the V3 defaults of this dataclass where a V2 config omits a key.
         if model_type == "deepseek_v2":
             kwargs["num_nextn_predict_layers"] = 0  # V2 has no MTP
         for key in ("n_group", "topk_group"):
