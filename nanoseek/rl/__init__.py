@@ -4,8 +4,11 @@
   TRL-style batch API, a registry and `combine` for weighted sums with per-reward logging.
 - grpo_loss.py: group advantages, the clipped surrogate with k3 KL and GRPO / Dr. GRPO / DAPO
   aggregation, entropy and reflection metrics. Pure tensor functions, no model code.
+- rollout.py / grpo.py: the GRPO trainer (GRPOConfig, GRPOTrainer): group sampling with the engine,
+  advantages, mu updates over micro-batches, metrics, checkpoints and resume; cli_grpo.py: `nanoseek grpo`.
 """
 
+from .grpo import GRPOConfig, GRPOTrainer
 from .grpo_loss import (LOSS_TYPES, REFLECTION_WORDS, group_advantages, grpo_loss, reflection_share, token_entropy,
                         zero_variance_mask)
 from .rewards import (REWARDS, CombinedReward, RewardFunction, RewardScores, accuracy_reward, combine,
@@ -17,3 +20,4 @@ __all__ = ["LOSS_TYPES", "REFLECTION_WORDS", "REWARDS", "CombinedReward", "Rewar
            "gold_text", "group_advantages", "grpo_loss", "is_correct", "language_consistency_reward", "math_equal",
            "reflection_share", "repetition_penalty_reward", "soft_overlong_reward", "token_entropy",
            "zero_variance_mask"]
+__all__ += ["GRPOConfig", "GRPOTrainer"]

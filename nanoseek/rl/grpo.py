@@ -1,0 +1,478 @@
+"""GRPO training for the R1 recipe (DeepSeekMath §4.1; R1 v2 §2.1; grpo_anchors.md §1, §7): sample a
+group of G completions per prompt, score them with rule rewards, normalise the rewards within the
+group, and take clipped policy-gradient steps with an optional k3 KL to a frozen reference.
+
+One step = rollout (nanoseek.rl.rollout: the inference engine with its latent cache, batched over all
+prompts of the step) -> rewards (nanoseek.rl.rewards, each function logged separately) -> advantages
+(grpo_loss.group_advantages) -> `mu` optimizer steps over the same samples, each accumulating
+gradients over micro-batches of `micro_batch` completions (grpo_loss.grpo_loss).
+
+Key choices (defaults in GRPOConfig, reasons next to each field):
+- With mu = 1 the "old" policy is the current one: old log-probs are the detached current ones and no
+  extra forward runs (the ratio is exactly 1; the loss is then group-baselined REINFORCE, TRL's and
+  nanochat's fast path). With mu > 1 the old log-probs come from one no-grad forward before the first
+  update, so later passes see ratio != 1 and the clip acts.
+- Micro-batches combine into exactly the full-batch loss: "dapo" divides every micro-batch's token sum
+  by the completion tokens of the whole step; "grpo"/"dr_grpo" scale each micro-batch's mean by its
+  share of the rows.
+- Zero-variance groups (all G rewards equal) have advantage 0. `filter_zero_variance` drops them from
+  the update (saves their forward/backward and keeps them out of the "dapo" token count); unlike DAPO's
+  dynamic sampling we do not sample replacement prompts, so a step may train on fewer groups.
+- The problem order is a pure function of (seed, step) and every request has its own sampling seed,
+  so a resumed run repeats exactly what the uninterrupted one would have done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import torch
+from tqdm import tqdm
+
+from ..checkpoint import from_pretrained
+from ..config import ConfigError
+from ..data.tokenizer import Tokenizer
+from ..infer import LLM, prompt_opens_think
+from ..train.metrics import MetricsLog, read_jsonl
+from ..train.schedule import lr_at
+from ..train.state import list_checkpoints, load_trainer_state, save_checkpoint
+from .data import TEMPLATES, load_problems, prompt_ids, prompt_text, task_examples, task_of
+from .grpo_loss import LOSS_TYPES, group_advantages, grpo_loss, reflection_share, zero_variance_mask
+from .rewards import REWARDS, RewardFunction, accuracy_reward, combine, get_reward
+from .rollout import Rollout, completion_logprobs, pad_batch, sample_groups, sync_engine
+
+SCALE_REWARDS = ("group", "batch", "none")
+RECHECK_WORDS = ("wait", "check")  # the issue's narrow "re-check" signal; reflection_share uses R1's ten words
+
+
+@dataclass
+class GRPOConfig:
+    """GRPO settings. Defaults: a CPU run on the built-in tasks for a ~10M-parameter SFT'd model.
+
+    Attributes:
+        tasks: built-in task generators (nanoseek.data.tasks) used when `data` is empty.
+        difficulty: task difficulty (None: each task's default).
+        n_train_problems: problems generated per task (train split).
+        data: jsonl/parquet problem files ({"question", "answer"}, see rl.data.load_problems); replaces `tasks`.
+        template: prompt template, "chat" (after SFT) or "r1_zero" (a base model, R1 Table 1).
+        rewards: {reward name: weight}; R1-Zero: accuracy + format with equal weights (R1 v2 eq. 4).
+        reward_params: {reward name: {parameter: value}} bound with rewards.get_reward.
+        steps: optimizer "steps" = rollouts (each does `mu` optimizer updates).
+        prompts_per_step: prompts sampled per step (R1-Zero: 32).
+        group_size: G, completions per prompt (TRL's default 8; R1-Zero 16).
+        max_new_tokens: longest completion; also Dr. GRPO's constant normaliser.
+        temperature, top_p: rollout sampling (R1-Zero: T = 1; top_p 1 keeps sampling = the policy).
+        lr: AdamW peak LR. 4e-5 = ~1.4% of the `small` preset's pretraining peak (3e-3), the ratio of
+            R1-Zero's 3e-6 to V3's pretraining peak 2.2e-4; RL LRs sit 1-2 orders below pretraining.
+        lr_schedule: "constant" (DAPO, Dr. GRPO), "cosine" or "wsd" (train.schedule.lr_at) after warmup.
+        warmup: linear warmup steps (DAPO: 20 at its scale; 0 here for short runs).
+        weight_decay, betas: AdamW (TRL: no decay; betas of Dr. GRPO, 0.9/0.95).
+        grad_clip: global-norm clip (Dr. GRPO: 1.0; 0 disables).
+        mu: optimizer updates per rollout (DeepSeekMath's mu, TRL num_iterations); 1 = on-policy.
+        micro_batch: completions per forward/backward (memory knob; does not change the loss).
+        eps_low, eps_high: clip range [1 - eps_low, 1 + eps_high] (DAPO Clip-Higher: 0.2 / 0.28). Acts only
+            when mu > 1.
+        beta: k3 KL coefficient to the frozen initial model (0: TRL/DAPO/Dr. GRPO default, and no
+            reference model is loaded; R1-Zero used 0.001).
+        loss_type: "dapo" (token-level mean over the step; TRL's default since 2025, no length bias),
+            "grpo" (per-sequence mean, DeepSeekMath eq. 3) or "dr_grpo" (sum / (rows x max_new_tokens)).
+        scale_rewards: advantage std scaling: "group" (GRPO, TRL default), "batch" (the batch std) or
+            "none" (Dr. GRPO: r - group mean). The std is the sample std, as TRL's.
+        filter_zero_variance: drop groups whose rewards are all equal from the update (see module doc).
+        mask_truncated: exclude completions cut at max_new_tokens from the loss (DAPO overlong filtering).
+        max_num_seqs: sequences the engine decodes at once (0: all of a step, prompts_per_step x G).
+        save_every: steps between checkpoints (0: only at the end); keep_checkpoints: how many to keep.
+        seed: problem order, sampling seeds.
+        threads: torch CPU threads (0: torch's default).
+        device: "cpu", "cuda", ... (None: cuda when available).
+        tensorboard: also write TensorBoard scalars next to metrics.jsonl.
+    """
+
+    tasks: list[str] = field(default_factory=lambda: ["arithmetic", "countdown", "linear"])
+    difficulty: int | None = None
+    n_train_problems: int = 1000
+    data: list[str] = field(default_factory=list)
+    template: str = "chat"
+    rewards: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 1.0})
+    reward_params: dict[str, dict] = field(default_factory=dict)
+    steps: int = 200
+    prompts_per_step: int = 8
+    group_size: int = 8
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    lr: float = 4e-5
+    lr_schedule: str = "constant"
+    warmup: int = 0
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    mu: int = 1
+    micro_batch: int = 16
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    beta: float = 0.0
+    loss_type: str = "dapo"
+    scale_rewards: str = "group"
+    filter_zero_variance: bool = True
+    mask_truncated: bool = False
+    max_num_seqs: int = 0
+    save_every: int = 50
+    keep_checkpoints: int = 2
+    seed: int = 0
+    threads: int = 0
+    device: str | None = None
+    tensorboard: bool = True
+
+    def __post_init__(self):
+        def req(ok, name, rule):
+            if not ok:
+                raise ConfigError(f"GRPOConfig.{name} {rule}")
+
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        for name in ("n_train_problems", "steps", "prompts_per_step", "group_size", "max_new_tokens", "mu",
+                     "micro_batch", "keep_checkpoints"):
+            req(is_int(getattr(self, name)) and getattr(self, name) > 0, name, "must be a positive int")
+        for name in ("warmup", "max_num_seqs", "save_every", "threads", "seed"):
+            req(is_int(getattr(self, name)) and getattr(self, name) >= 0, name, "must be an int >= 0")
+        req(self.group_size >= 2, "group_size", "must be >= 2 (advantages compare completions within a group)")
+        req(self.max_num_seqs == 0 or self.max_num_seqs >= self.group_size, "max_num_seqs",
+            f"must be 0 or >= group_size ({self.group_size}): a group decodes at once")
+        req(isinstance(self.tasks, list) and all(isinstance(t, str) for t in self.tasks), "tasks",
+            "must be a list of task names")
+        req(isinstance(self.data, list) and all(isinstance(d, str) for d in self.data), "data",
+            "must be a list of file paths")
+        req(bool(self.tasks) or bool(self.data), "tasks", "must not be empty when no data files are given")
+        req(self.difficulty is None or is_int(self.difficulty), "difficulty", "must be an int or None")
+        req(self.template in TEMPLATES, "template", f"must be one of {TEMPLATES}")
+        req(isinstance(self.rewards, dict) and bool(self.rewards), "rewards", "must be a non-empty {name: weight}")
+        for name, w in self.rewards.items():
+            req(isinstance(name, str) and is_num(w), "rewards", f"needs a finite number weight for {name!r}")
+        req(isinstance(self.reward_params, dict) and all(isinstance(v, dict) for v in self.reward_params.values()),
+            "reward_params", "must be {reward name: {parameter: value}}")
+        unused = set(self.reward_params) - set(self.rewards)
+        req(not unused, "reward_params", f"names rewards that are not in `rewards`: {sorted(unused)}")
+        req(is_num(self.temperature) and self.temperature > 0, "temperature",
+            "must be > 0 (GRPO needs sampled groups)")
+        req(is_num(self.top_p) and 0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        req(is_num(self.lr) and self.lr > 0, "lr", "must be > 0")
+        req(self.lr_schedule in ("constant", "cosine", "wsd"), "lr_schedule", "must be constant, cosine or wsd")
+        req(is_num(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        self.betas = tuple(self.betas)
+        req(len(self.betas) == 2 and all(is_num(b) and 0 <= b < 1 for b in self.betas), "betas",
+            "must be two numbers in [0, 1)")
+        req(is_num(self.grad_clip) and self.grad_clip >= 0, "grad_clip", "must be >= 0")
+        req(is_num(self.eps_low) and 0 <= self.eps_low < 1, "eps_low", "must be in [0, 1)")
+        req(is_num(self.eps_high) and self.eps_high >= 0, "eps_high", "must be >= 0")
+        req(is_num(self.beta) and self.beta >= 0, "beta", "must be >= 0")
+        req(self.loss_type in LOSS_TYPES, "loss_type", f"must be one of {LOSS_TYPES}")
+        req(self.scale_rewards in SCALE_REWARDS, "scale_rewards", f"must be one of {SCALE_REWARDS}")
+        for name in ("filter_zero_variance", "mask_truncated", "tensorboard"):
+            req(isinstance(getattr(self, name), bool), name, "must be true or false")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike | None = None, **overrides) -> "GRPOConfig":
+        """Defaults <- JSON/TOML file <- overrides (None values are ignored)."""
+        values: dict = {}
+        if path is not None:
+            path = os.fspath(path)
+            if not os.path.isfile(path):
+                raise ConfigError(f"config file {path} does not exist")
+            try:
+                if path.endswith(".toml"):
+                    import tomllib
+                    with open(path, "rb") as f:
+                        values = tomllib.load(f)
+                else:
+                    with open(path) as f:
+                        values = json.load(f)
+            except ValueError as e:
+                raise ConfigError(f"config file {path} is not valid {'TOML' if path.endswith('.toml') else 'JSON'}: "
+                                  f"{e}") from None
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ConfigError(f"unknown GRPOConfig field(s) in {path}: {sorted(unknown)}")
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class GRPOTrainer:
+    """Args:
+        cfg: the settings.
+        init: HF-format model folder with tokenizer files (e.g. `nanoseek sft` output); also the frozen
+            reference when cfg.beta > 0.
+        out: output folder: metrics.jsonl, checkpoints/, model/ (final policy + tokenizer), reward.png, length.png.
+        resume: continue from the newest complete checkpoint in out/checkpoints.
+        progress: show a progress bar.
+        reward_fns: extra reward functions {name: fn(completions, examples, **kwargs) -> list[float]};
+            their weight is cfg.rewards[name] when given, else 1.0. They override built-ins of the same name.
+    """
+
+    def __init__(self, cfg: GRPOConfig, init: str, out: str, resume: bool = False, progress: bool = True,
+                 reward_fns: Mapping[str, RewardFunction] | None = None):
+        self.cfg, self.init, self.out, self.progress = cfg, os.fspath(init), os.fspath(out), progress
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        if not os.path.isdir(self.init):
+            raise FileNotFoundError(f"--init {self.init!r} is not a folder (expected an HF-format checkpoint)")
+        self.tokenizer = Tokenizer.load(self.init)
+        self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.ckpt_dir = os.path.join(self.out, "checkpoints")
+        found = list_checkpoints(self.ckpt_dir) if resume else []
+        if resume and not found:
+            warnings.warn(f"resume: no complete checkpoint in {self.ckpt_dir}; starting from {self.init}", stacklevel=2)
+        latest = found[-1] if found else None
+        self.model = from_pretrained(latest or self.init, dtype=torch.float32, device=self.device)
+        self.ref = None
+        if cfg.beta > 0:  # the frozen initial policy; with beta = 0 none is loaded at all (TRL)
+            self.ref = from_pretrained(self.init, dtype=torch.float32, device=self.device).eval().requires_grad_(False)
+        self.reward = self._build_rewards(reward_fns or {})
+        self.problems, self.prompts = self._build_problems()
+        self.think_opened = prompt_opens_think(prompt_text(self.problems[0], self.tokenizer, cfg.template))
+
+        decay = [p for p in self.model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
+        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                            {"params": no_decay, "weight_decay": 0.0}],
+                                           lr=cfg.lr, betas=cfg.betas, fused=self.device.type in ("cpu", "cuda"))
+        self.global_step = 0
+        if latest is not None:
+            self.global_step = load_trainer_state(latest, self.optimizer)["step"]
+        os.makedirs(self.out, exist_ok=True)
+        self.metrics = MetricsLog(self.out, resume_step=self.global_step if latest else None,
+                                  tensorboard=cfg.tensorboard)
+        # one engine for the whole run; it holds self.model itself, so updates are sampled from at once
+        max_len = max(map(len, self.prompts)) + cfg.max_new_tokens
+        self.llm = LLM(self.model, self.tokenizer, max_num_seqs=cfg.max_num_seqs or cfg.prompts_per_step * cfg.group_size,
+                       max_model_len=max_len, seed=cfg.seed)
+
+    # ---- setup ----------------------------------------------------------------------------------
+    def _build_rewards(self, extra: Mapping[str, RewardFunction]):
+        cfg = self.cfg
+        unknown = [n for n in cfg.rewards if n not in REWARDS and n not in extra]
+        if unknown:
+            raise ValueError(f"GRPOConfig.rewards: unknown reward(s) {unknown}; built-in: {sorted(REWARDS)}, "
+                             f"passed in: {sorted(extra)}")
+        fns = {n: extra[n] if n in extra else get_reward(n, **cfg.reward_params.get(n, {})) for n in cfg.rewards}
+        fns.update({n: f for n, f in extra.items() if n not in fns})
+        return combine(fns, [float(cfg.rewards.get(n, 1.0)) for n in fns])
+
+    def _build_problems(self) -> tuple[list, list[list[int]]]:
+        cfg = self.cfg
+        if cfg.data:
+            problems = [p for path in cfg.data for p in load_problems(path)]
+        else:
+            problems = task_examples(cfg.tasks, "train", cfg.n_train_problems, cfg.difficulty, cfg.seed)
+        prompts = [prompt_ids(p, self.tokenizer, cfg.template) for p in problems]
+        limit = self.model.cfg.max_position_embeddings - cfg.max_new_tokens
+        keep = [i for i, p in enumerate(prompts) if len(p) <= limit]
+        if not keep:
+            raise ValueError(f"every prompt is longer than max_position_embeddings "
+                             f"({self.model.cfg.max_position_embeddings}) - max_new_tokens ({cfg.max_new_tokens}) "
+                             f"= {limit} tokens; lower max_new_tokens")
+        if len(keep) < len(problems):
+            warnings.warn(f"dropped {len(problems) - len(keep)} of {len(problems)} problems whose prompt leaves no "
+                          f"room for max_new_tokens={cfg.max_new_tokens}", stacklevel=3)
+        return [problems[i] for i in keep], [prompts[i] for i in keep]
+
+    def batch_indices(self, step: int) -> list[int]:
+        """Problem indices of `step`: epochs of seeded permutations, walked in order (pure in (seed, step))."""
+        n, P = len(self.problems), self.cfg.prompts_per_step
+        out, pos = [], step * P
+        while len(out) < P:
+            epoch, offset = divmod(pos, n)
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed * 7919 + epoch))
+            take = perm[offset:offset + P - len(out)].tolist()
+            out += take
+            pos += len(take)
+        return out
+
+    # ---- one step -------------------------------------------------------------------------------
+    def step(self) -> dict:
+        """One rollout + `mu` updates; returns the metrics row (also appended to metrics.jsonl by fit)."""
+        cfg, G = self.cfg, self.cfg.group_size
+        t0 = time.perf_counter()
+        idx = self.batch_indices(self.global_step)
+        ro = sample_groups(self.llm, [self.prompts[i] for i in idx], [self.problems[i] for i in idx], G,
+                           cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed, self.global_step)
+        t_gen = time.perf_counter() - t0
+
+        scores = self.reward(ro.texts, ro.problems, completion_ids=ro.completion_ids,
+                             completion_lengths=[len(c) for c in ro.completion_ids], tokenizer=self.tokenizer,
+                             think_opened=self.think_opened)
+        rewards = torch.tensor(scores.total, dtype=torch.float32)
+        adv = group_advantages(rewards, G, scale_std=cfg.scale_rewards != "none",
+                               level="batch" if cfg.scale_rewards == "batch" else "group")
+        zero = zero_variance_mask(rewards, G)
+        rows = [i for i in range(len(ro)) if not (cfg.filter_zero_variance and zero[i])]
+        row = self._rollout_metrics(ro, scores, rewards, zero)
+        row["lr"] = lr_at(self.global_step, cfg.steps, cfg.lr, cfg.warmup, cfg.lr_schedule)
+        row.update(self._update(ro, adv, rows, row["lr"]) if rows else {"loss": 0.0, "grad_norm": 0.0})
+        row["trained_completions"] = len(rows)
+        self.global_step += 1
+        t_all = time.perf_counter() - t0
+        row.update(step=self.global_step, gen_time=t_gen, train_time=t_all - t_gen, step_time=t_all,
+                   gen_tokens_per_s=ro.gen_tokens / max(t_gen, 1e-9), tokens_per_s=ro.gen_tokens / max(t_all, 1e-9))
+        return {"step": row.pop("step"), **row}
+
+    def _rollout_metrics(self, ro: Rollout, scores, rewards: torch.Tensor, zero: torch.Tensor) -> dict:
+        G = self.cfg.group_size
+        lengths = torch.tensor([len(c) for c in ro.completion_ids], dtype=torch.float32)
+        acc = scores.per_reward.get("accuracy") or accuracy_reward(ro.texts, ro.problems,
+                                                                   think_opened=self.think_opened)
+        row = {"reward": rewards.mean().item(),
+               "reward_std": rewards.view(-1, G).std(dim=1).mean().item(),  # TRL: mean within-group std
+               "accuracy": sum(acc) / len(acc)}
+        for name, vals in scores.per_reward.items():
+            t = torch.tensor(vals)
+            row[f"rewards/{name}/mean"], row[f"rewards/{name}/std"] = t.mean().item(), t.std().item()
+        by_task: dict[str, list[float]] = {}
+        for p, a in zip(ro.problems, acc):
+            by_task.setdefault(task_of(p), []).append(a)
+        if len(by_task) > 1:
+            row.update({f"accuracy/{t}": sum(v) / len(v) for t, v in sorted(by_task.items())})
+        row.update(frac_reward_zero_std=zero.view(-1, G)[:, 0].float().mean().item(),
+                   completion_len_mean=lengths.mean().item(), completion_len_max=lengths.max().item(),
+                   completion_len_min=lengths.min().item(), truncated_share=sum(ro.truncated) / len(ro),
+                   reflection_share=reflection_share(ro.texts), recheck_share=reflection_share(ro.texts, RECHECK_WORDS))
+        return row
+
+    def _update(self, ro: Rollout, adv: torch.Tensor, rows: list[int], lr: float) -> dict:
+        """`mu` optimizer steps at `lr` on the completions `rows`, each accumulating over micro-batches."""
+        cfg, model, dev = self.cfg, self.model, self.device
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        batches = []
+        for s in range(0, len(rows), cfg.micro_batch):
+            mb = rows[s:s + cfg.micro_batch]
+            ids, targets, mask, index = pad_batch([ro.prompt_ids[i] for i in mb], [ro.completion_ids[i] for i in mb], dev)
+            if cfg.mask_truncated:  # DAPO overlong filtering
+                mask = mask * torch.tensor([not ro.truncated[i] for i in mb], dtype=mask.dtype, device=dev)[:, None]
+            b = {"ids": ids, "targets": targets, "mask": mask, "index": index, "adv": adv[mb].to(dev), "rows": len(mb)}
+            with torch.no_grad():
+                if cfg.mu > 1:  # pi_old = the weights that sampled; needed once the first update has moved them
+                    b["old"] = completion_logprobs(model, ids, targets, index, cfg.temperature)[0]
+                if self.ref is not None:
+                    b["ref"] = completion_logprobs(self.ref, ids, targets, index, cfg.temperature)[0]
+            batches.append(b)
+        n_tokens = max(1.0, float(sum(b["mask"].sum() for b in batches)))
+        n_rows = len(rows)
+        sums: dict[str, float] = {}
+        losses, grad_norm = [], 0.0
+        model.eval()  # no dropout in the model; eval also keeps MoE from storing routing for balance losses
+        for it in range(cfg.mu):
+            total = 0.0
+            for b in batches:
+                logp, ent = completion_logprobs(model, b["ids"], b["targets"], b["index"], cfg.temperature,
+                                                with_entropy=it == 0)
+                old = b.get("old", logp.detach())
+                loss, st = grpo_loss(logp, old, b.get("ref"), b["adv"], b["mask"], cfg.eps_low, cfg.eps_high,
+                                     cfg.beta, cfg.loss_type, cfg.max_new_tokens,
+                                     num_tokens=n_tokens if cfg.loss_type == "dapo" else None)
+                if cfg.loss_type != "dapo":
+                    loss = loss * (b["rows"] / n_rows)  # per-micro-batch means -> the full batch's mean
+                loss.backward()
+                total += loss.item()
+                w = float(b["mask"].sum()) / n_tokens / cfg.mu  # token weights over all passes
+                for k, v in st.items():
+                    sums[k] = sums.get(k, 0.0) + w * v.item()
+                if ent is not None:
+                    sums["entropy"] = sums.get("entropy", 0.0) + float((ent * b["mask"]).sum()) / n_tokens
+            clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            sync_engine(self.llm)
+            losses.append(total)
+        out = {"loss": sum(losses) / len(losses), "grad_norm": grad_norm,
+               "clip_ratio": sums.pop("clip_frac"), "clip_ratio/low": sums.pop("clip_frac_low"),
+               "clip_ratio/high": sums.pop("clip_frac_high"), **sums}
+        return out
+
+    # ---- checkpoints and the loop ---------------------------------------------------------------
+    def save(self) -> str:
+        return save_checkpoint(self.ckpt_dir, self.global_step, self.model, self.optimizer,
+                               {"grpo_config": self.cfg.to_dict(), "init": self.init}, tokenizer=self.tokenizer,
+                               keep=self.cfg.keep_checkpoints)
+
+    def save_model(self) -> str:
+        """The policy + tokenizer to out/model, written beside it and renamed (never half-written)."""
+        final = os.path.join(self.out, "model")
+        tmp = final + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.model.save_pretrained(tmp)
+        self.tokenizer.save(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        return final
+
+    def fit(self) -> dict:
+        """Train until cfg.steps; returns the last metrics row."""
+        cfg, last = self.cfg, {}
+        bar = tqdm(total=cfg.steps, initial=self.global_step, desc="grpo", disable=not self.progress,
+                   dynamic_ncols=True)
+        try:
+            while self.global_step < cfg.steps:
+                last = self.step()
+                self.metrics.log(last)
+                bar.update(1)
+                bar.set_postfix(reward=f"{last['reward']:.3f}", acc=f"{last['accuracy']:.2f}",
+                                len=f"{last['completion_len_mean']:.0f}")
+                if (cfg.save_every and self.global_step % cfg.save_every == 0) or self.global_step == cfg.steps:
+                    self.save()
+        finally:
+            bar.close()
+            self.metrics.close()
+        self.save_model()
+        write_grpo_plots(self.out)
+        return last
+
+
+def write_grpo_plots(out_dir: str) -> list[str]:
+    """reward.png (total, per-reward means, accuracy) and length.png (completion length, truncation,
+    reflection shares) from out_dir/metrics.jsonl; returns the paths written."""
+    rows = read_jsonl(os.path.join(out_dir, "metrics.jsonl"))
+    if not rows:
+        return []
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    paths = []
+    panels = {
+        "reward.png": [("reward", ["reward"] + sorted(k for k in rows[-1] if k.startswith("rewards/") and
+                                                    k.endswith("/mean"))),
+                       ("accuracy", ["accuracy"] + sorted(k for k in rows[-1] if k.startswith("accuracy/")))],
+        "length.png": [("completion tokens", ["completion_len_mean", "completion_len_max"]),
+                       ("share of completions", ["truncated_share", "reflection_share", "recheck_share"])],
+    }
+    for name, axes_spec in panels.items():
+        fig, axes = plt.subplots(1, len(axes_spec), figsize=(11, 4))
+        for ax, (ylabel, keys) in zip(axes, axes_spec):
+            for k in keys:
+                ax.plot(steps, [r.get(k, float("nan")) for r in rows], label=k, lw=1)
+            ax.set(xlabel="step", ylabel=ylabel)
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        paths.append(os.path.join(out_dir, name))
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    return paths
