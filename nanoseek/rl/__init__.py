@@ -21,3 +21,9 @@ __all__ = ["LOSS_TYPES", "REFLECTION_WORDS", "REWARDS", "CombinedReward", "Rewar
            "reflection_share", "repetition_penalty_reward", "soft_overlong_reward", "token_entropy",
            "zero_variance_mask"]
 __all__ += ["GRPOConfig", "GRPOTrainer"]
+# sft.py / distill.py: supervised fine-tuning (completion-only loss) and dense-student distillation;
+# cli_sft.py: `nanoseek sft` and `nanoseek distill`. (The sft()/distill() functions stay in their modules:
+# exported here they would shadow the module names.)
+from .distill import DistillConfig, Distiller, kd_loss  # noqa: E402
+from .sft import SFTConfig, SFTTrainer  # noqa: E402
+__all__ += ["DistillConfig", "Distiller", "SFTConfig", "SFTTrainer", "kd_loss"]
