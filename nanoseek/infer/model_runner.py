@@ -74,5 +74,4 @@ class ModelRunner:
     @torch.inference_mode()
     def copy_slot(self, src: int, dst: int, length: int) -> None:
         """Share a prefilled prompt: copy the first `length` cached tokens of row src into row dst (all layers)."""
-        self.cache.kv[:, dst, :length] = self.cache.kv[:, src, :length]
-        self.cache.pe[:, dst, :length] = self.cache.pe[:, src, :length]
+        self.cache.latent[:, dst, :length] = self.cache.latent[:, src, :length]

@@ -4,6 +4,10 @@ shared RoPE key k_pe (v3_spec.md §2.4), i.e. (kv_lora_rank + qk_rope_head_dim) 
 Memory is preallocated as `slots` rows of `max_len` tokens. A forward addresses rows through `slots`
 (which request sits in which row), so requests can join and leave between steps (continuous batching)
 without moving memory. Layers past `num_hidden_layers` belong to the MTP modules.
+
+c_KV and k_pe live side by side in one buffer, `latent` = [c_KV ; k_pe], because that concatenation is
+exactly the absorbed path's key (and its first kv_lora_rank values are the value): a decode step then
+writes and reads one tensor per layer. `kv` and `pe` are views of it.
 """
 
 from __future__ import annotations
@@ -21,29 +25,40 @@ class LatentCache:
                              f"{cfg.max_position_embeddings}")
         layers = cfg.num_hidden_layers + (cfg.num_nextn_predict_layers if with_mtp else 0)
         self.max_len = max_len
-        self.kv = torch.zeros(layers, slots, max_len, cfg.kv_lora_rank, dtype=dtype, device=device)
-        self.pe = torch.zeros(layers, slots, max_len, cfg.qk_rope_head_dim, dtype=dtype, device=device)
+        self.latent = torch.zeros(layers, slots, max_len, cfg.kv_lora_rank + cfg.qk_rope_head_dim,
+                                  dtype=dtype, device=device)
+        self.kv, self.pe = self.latent.split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
 
     @property
     def num_slots(self) -> int:
-        return self.kv.shape[1]
+        return self.latent.shape[1]
 
     @property
     def nbytes(self) -> int:
-        return self.kv.nbytes + self.pe.nbytes
+        return self.latent.nbytes
 
     @staticmethod
     def bytes_per_token(cfg: ModelConfig, dtype: torch.dtype = torch.bfloat16) -> int:
         return cfg.kv_cache_bytes_per_token(torch.finfo(dtype).bits // 8)
 
-    def write(self, layer: int, slots_B: torch.Tensor, positions_BT: torch.Tensor,
-              kv_BTC: torch.Tensor, pe_BTR: torch.Tensor) -> None:
-        if int(positions_BT.max()) >= self.max_len:
-            raise ValueError(f"position {int(positions_BT.max())} is past the cache length {self.max_len}")
-        rows = slots_B[:, None].expand_as(positions_BT)
-        self.kv[layer][rows, positions_BT] = kv_BTC.to(self.kv.dtype)
-        self.pe[layer][rows, positions_BT] = pe_BTR.to(self.pe.dtype)
+    def check(self, max_position: int) -> None:
+        if max_position >= self.max_len:
+            raise ValueError(f"position {max_position} is past the cache length {self.max_len}")
 
-    def read(self, layer: int, slots_B: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first `length` cached tokens of each slot: (B, length, C) and (B, length, R)."""
-        return self.kv[layer, slots_B, :length], self.pe[layer, slots_B, :length]
+    def write(self, layer: int, slots_B: torch.Tensor | None, positions_BT: torch.Tensor,
+              latent_BTL: torch.Tensor) -> None:
+        """Store [c_KV ; k_pe] (B, T, C + R) at `positions_BT` of rows `slots_B` (None: rows 0..B-1).
+        Positions are not range-checked here: the caller checks them once per forward (`check`)."""
+        latent_BTL = latent_BTL.to(self.latent.dtype)
+        if slots_B is None:
+            rows = self.latent[layer, :latent_BTL.shape[0]]
+            rows.scatter_(1, positions_BT[..., None].expand_as(latent_BTL), latent_BTL)
+        else:
+            self.latent[layer][slots_B[:, None], positions_BT] = latent_BTL
+
+    def read(self, layer: int, slots_B: torch.Tensor | None, length: int, batch: int | None = None) -> torch.Tensor:
+        """The first `length` cached tokens [c_KV ; k_pe] of each slot, (B, length, C + R); with slots None,
+        a view of rows 0..batch-1 (no copy)."""
+        if slots_B is None:
+            return self.latent[layer, :batch, :length]
+        return self.latent[layer, slots_B, :length]

@@ -41,12 +41,14 @@ class MLA(nn.Module):
 
     def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions_BT: torch.Tensor,
                 cache: LatentCache | None = None, slots_B: torch.Tensor | None = None,
-                absorb: bool = False) -> torch.Tensor:
+                absorb: bool = False, bias_BMS: torch.Tensor | None = None) -> torch.Tensor:
         """Attention output (B, T, D).
 
         Without a cache, tokens attend causally to each other. With a cache, the new latents are written
-        at `positions_BT` of rows `slots_B`, and with `absorb` the queries attend to every cached token at
-        a position <= their own (chunked prefill, decode, speculative verification).
+        at `positions_BT` of rows `slots_B` (None: rows 0..B-1), and with `absorb` the queries attend to
+        every cached token at a position <= their own (chunked prefill, decode, speculative verification).
+        `bias_BMS` is the absorbed path's additive mask (`attention_bias`); the Transformer builds it once
+        per forward for all layers, and it is built here when None.
         """
         B, T, _ = x_BTD.shape
         if hasattr(self, "q_proj"):
@@ -57,20 +59,22 @@ class MLA(nn.Module):
         q_nope, q_pe = q_BTHK.split([self.nope, self.rope], dim=-1)
         q_pe = apply_rope(q_pe, cos, sin)
         kv_raw, k_pe = self.kv_a_proj_with_mqa(x_BTD).split([self.kv_rank, self.rope], dim=-1)
-        c_kv_BTC = self.kv_a_layernorm(kv_raw)
-        k_pe_BTR = apply_rope(k_pe, cos, sin)
+        # [c_KV ; k_pe]: the cached row, and the absorbed path's single key head
+        latent_BTL = torch.cat([self.kv_a_layernorm(kv_raw), apply_rope(k_pe, cos, sin)], dim=-1)
         if cache is not None:
-            cache.write(self.layer_idx, slots_B, positions_BT, c_kv_BTC, k_pe_BTR)
+            cache.write(self.layer_idx, slots_B, positions_BT, latent_BTL)
         if absorb:
             if cache is not None:
-                c_kv_BTC, k_pe_BTR = cache.read(self.layer_idx, slots_B, int(positions_BT.max()) + 1)
-                c_kv_BTC, k_pe_BTR = c_kv_BTC.to(x_BTD.dtype), k_pe_BTR.to(x_BTD.dtype)
-                key_pos_BS = torch.arange(c_kv_BTC.shape[1], device=x_BTD.device)[None]
+                length = bias_BMS.shape[-1] if bias_BMS is not None else int(positions_BT.max()) + 1
+                latent_BSL = cache.read(self.layer_idx, slots_B, length, B).to(x_BTD.dtype)
             else:
-                key_pos_BS = positions_BT
-            mask_BTS = key_pos_BS[:, None, :] <= positions_BT[:, :, None]
-            o_BTHV = self._absorbed(q_nope, q_pe, c_kv_BTC, k_pe_BTR, mask_BTS)
+                latent_BSL = latent_BTL
+            if bias_BMS is None:
+                keys = latent_BSL.shape[1] if cache is not None else positions_BT
+                bias_BMS = attention_bias(positions_BT, keys, self.n_heads, x_BTD.dtype)
+            o_BTHV = self._absorbed(q_nope, q_pe, latent_BSL, bias_BMS)
         else:
+            c_kv_BTC, k_pe_BTR = latent_BTL.split([self.kv_rank, self.rope], dim=-1)
             o_BTHV = self._naive(q_nope, q_pe, c_kv_BTC, k_pe_BTR)
         return self.o_proj(o_BTHV.reshape(B, T, self.n_heads * self.v_dim))
 
@@ -83,12 +87,29 @@ class MLA(nn.Module):
         o = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True, scale=self.softmax_scale)
         return o.transpose(1, 2)
 
-    def _absorbed(self, q_nope, q_pe, c_kv_BSC, k_pe_BSR, mask_BTS) -> torch.Tensor:
-        w_BKC = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_rank)
-        w_uk_HNC, w_uv_HVC = w_BKC.split([self.nope, self.v_dim], dim=1)
-        q_lat = torch.einsum("bthn,hnc->bhtc", q_nope, w_uk_HNC.to(q_nope.dtype))   # W_UK absorbed into q
-        q = torch.cat([q_lat, q_pe.transpose(1, 2)], dim=-1)                       # (B, H, T, C + R)
-        k = torch.cat([c_kv_BSC, k_pe_BSR], dim=-1)[:, None]                        # one shared key head
-        o_lat = F.scaled_dot_product_attention(q, k, c_kv_BSC[:, None], attn_mask=mask_BTS[:, None],
-                                               scale=self.softmax_scale, enable_gqa=True)
-        return torch.einsum("bhtc,hvc->bthv", o_lat, w_uv_HVC.to(o_lat.dtype))       # W_UV after attention
+    def _absorbed(self, q_nope, q_pe, latent_BSL, bias_BMS) -> torch.Tensor:
+        """MQA over the latent: one key head [c_KV ; k_pe] and one value head c_KV shared by all H query
+        heads, so the heads fold into the query rows (M = H*T, head-major) and attention is three batched
+        ops (baddbmm, softmax, bmm) rather than SDPA's math fallback (its key and value widths differ)."""
+        B, T, H, _ = q_nope.shape
+        w_HKC = self.kv_b_proj.weight.view(H, self.nope + self.v_dim, self.kv_rank)
+        w_uk_HNC, w_uv_HVC = w_HKC.split([self.nope, self.v_dim], dim=1)
+        q_lat_BHTC = torch.matmul(q_nope.transpose(1, 2), w_uk_HNC.to(q_nope.dtype))  # W_UK absorbed into q
+        q_BML = torch.cat([q_lat_BHTC, q_pe.transpose(1, 2)], dim=-1).view(B, H * T, -1)
+        scores_BMS = torch.baddbmm(bias_BMS.to(q_BML.dtype), q_BML, latent_BSL.transpose(1, 2), alpha=self.softmax_scale)
+        p_BMS = scores_BMS.softmax(dim=-1, dtype=torch.float32).to(q_BML.dtype)
+        o_lat_BMC = torch.bmm(p_BMS, latent_BSL[..., :self.kv_rank])
+        o_BHTV = torch.matmul(o_lat_BMC.view(B, H, T, -1), w_uv_HVC.to(o_lat_BMC.dtype).transpose(1, 2))
+        return o_BHTV.transpose(1, 2)                                                  # W_UV after attention
+
+
+def attention_bias(positions_BT: torch.Tensor, keys: int | torch.Tensor, heads: int,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Additive mask (B, heads * T, S) of the absorbed path: 0 where key position <= query position, -inf
+    elsewhere; rows are head-major, as the folded queries. `keys`: S (cached positions 0..S-1), or the key
+    positions (B, S) themselves. With T = 1 the mask is (B, 1, S) and broadcasts over the heads."""
+    key_pos = torch.arange(keys, device=positions_BT.device)[None] if isinstance(keys, int) else keys
+    visible_BTS = key_pos[:, None, :] <= positions_BT[:, :, None]
+    bias_BTS = torch.zeros(visible_BTS.shape, dtype=dtype, device=positions_BT.device).masked_fill_(
+        ~visible_BTS, float("-inf"))
+    return bias_BTS if positions_BT.shape[1] == 1 else bias_BTS.repeat(1, heads, 1)

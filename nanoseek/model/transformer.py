@@ -12,7 +12,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .cache import LatentCache
-from .mla import MLA
+from .mla import MLA, attention_bias
 from .moe import MLP, MoE
 from .norm import RMSNorm
 from .rope import RotaryEmbedding
@@ -26,8 +26,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, positions, cache=None, slots=None, absorb=False):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache, slots, absorb)
+    def forward(self, x, cos, sin, positions, cache=None, slots=None, absorb=False, bias=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache, slots, absorb, bias)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -52,9 +52,9 @@ class MTP(Block):
         self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
         self.shared_head = SharedHead(cfg)
 
-    def forward(self, h, emb, cos, sin, positions, cache=None, slots=None, absorb=False):
+    def forward(self, h, emb, cos, sin, positions, cache=None, slots=None, absorb=False, bias=None):
         x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))
-        return super().forward(x, cos, sin, positions, cache, slots, absorb)
+        return super().forward(x, cos, sin, positions, cache, slots, absorb, bias)
 
 
 class DecoderStack(nn.Module):
@@ -99,13 +99,12 @@ class Transformer(nn.Module):
             absorb: attention path. Default: naive when there is no history (training, prefill from
                 position 0), absorbed over the cache otherwise (decode, chunked prefill).
         """
-        B, T = input_ids.shape
-        positions, slots, absorb = self._prepare(input_ids, positions, cache, slots, absorb)
-        self._check_ids(input_ids, positions)
+        self._check_ids(input_ids)
+        positions, slots, absorb, bias = self._prepare(input_ids, positions, cache, slots, absorb)
         cos, sin = self.rotary(positions)
         x = self.model.embed_tokens(input_ids)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, positions, cache, slots, absorb)
+            x = layer(x, cos, sin, positions, cache, slots, absorb, bias)
         return self.model.norm(x)
 
     def mtp_hidden_states(self, h_BTD: torch.Tensor, input_ids: torch.Tensor) -> list[torch.Tensor]:
@@ -134,31 +133,39 @@ class Transformer(nn.Module):
 
         `logits=False` skips the vocabulary projection (None instead), e.g. when only filling the cache."""
         module = self.mtp[k]
-        positions, slots, absorb = self._prepare(next_ids, positions, cache, slots, absorb)
+        positions, slots, absorb, bias = self._prepare(next_ids, positions, cache, slots, absorb)
         cos, sin = self.rotary(positions)
-        h = module(h_BTD, self.model.embed_tokens(next_ids), cos, sin, positions, cache, slots, absorb)
+        h = module(h_BTD, self.model.embed_tokens(next_ids), cos, sin, positions, cache, slots, absorb, bias)
         return h, (self.lm_head(module.shared_head.norm(h)) if logits else None)
 
     def _prepare(self, input_ids, positions, cache, slots, absorb):
+        """Defaults, range checks and the absorbed path's attention mask, once per forward for all layers.
+
+        slots stay None for rows 0..B-1, so the cache can hand out views instead of gathered copies."""
         B, T = input_ids.shape
         if positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
-        if cache is not None and slots is None:
-            slots = torch.arange(B, device=input_ids.device)
-        history = cache is not None and bool((positions[:, 0] > 0).any())
+        first, last = (int(v) for v in positions.aminmax()) if positions.numel() else (0, 0)
+        if last >= self.cfg.max_position_embeddings:
+            raise ValueError(f"position {last} exceeds max_position_embeddings {self.cfg.max_position_embeddings}")
+        if cache is not None:
+            cache.check(last)
+        history = cache is not None and (first > 0 or bool((positions[:, 0] > 0).any()))
         if absorb is None:
             absorb = history
         elif history and not absorb:
             raise ValueError("the naive MLA path cannot attend to cached history; use absorb=True (or None)")
-        return positions, slots, absorb
+        bias = None
+        if absorb and positions.numel():
+            keys = last + 1 if cache is not None else positions
+            bias = attention_bias(positions, keys, self.cfg.num_attention_heads, self.lm_head.weight.dtype)
+        return positions, slots, absorb, bias
 
-    def _check_ids(self, input_ids, positions):
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.cfg.vocab_size):
-            raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size}); got "
-                             f"[{int(input_ids.min())}, {int(input_ids.max())}]")
-        if positions.numel() and int(positions.max()) >= self.cfg.max_position_embeddings:
-            raise ValueError(f"position {int(positions.max())} exceeds max_position_embeddings "
-                             f"{self.cfg.max_position_embeddings}")
+    def _check_ids(self, input_ids):
+        if input_ids.numel():
+            low, high = (int(v) for v in input_ids.aminmax())
+            if low < 0 or high >= self.cfg.vocab_size:
+                raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size}); got [{low}, {high}]")
 
     # ---- utilities ------------------------------------------------------------------------------
     def moe_layers(self) -> list[tuple[str, MoE]]:
