@@ -1,6 +1,7 @@
 """The `nanoseek` command line: one entry point, one sub-command per stage.
 
-Stages land as their issues do; today: `demo` (the embedded default job), `train`, `tokenizer` and `info`.
+Pretraining (`train`, `tokenizer`), the R1 post-training stages (`sft`, `grpo`, `sample`, `distill`, `eval`, `r1`),
+inference (`generate`, `chat`, `serve`) and `info`, `demo`.
 """
 
 from __future__ import annotations
@@ -150,6 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     # generate, chat, serve: nanoseek/serve/commands.py (FastAPI/uvicorn imported only by serve)
     from .serve.commands import add_parsers as add_inference_parsers
     add_inference_parsers(sub)
+    # the R1 post-training stages: nanoseek/rl/cli_*.py
+    from .rl import cli_grpo, cli_r1, cli_sft
+    for module in (cli_sft, cli_grpo, cli_r1):
+        module.add_parsers(sub)
     return parser
 
 
