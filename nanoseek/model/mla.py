@@ -90,17 +90,21 @@ class MLA(nn.Module):
     def _absorbed(self, q_nope, q_pe, latent_BSL, bias_BMS) -> torch.Tensor:
         """MQA over the latent: one key head [c_KV ; k_pe] and one value head c_KV shared by all H query
         heads, so the heads fold into the query rows (M = H*T, head-major) and attention is three batched
-        ops (baddbmm, softmax, bmm) rather than SDPA's math fallback (its key and value widths differ)."""
+        ops (baddbmm, softmax, bmm) rather than SDPA's math fallback (its key and value widths differ).
+        W_UK and W_UV are applied as bmm with the heads as the batch and all B*T tokens as rows: a
+        broadcast matmul over (B, H) would copy the weights B times."""
         B, T, H, _ = q_nope.shape
-        w_HKC = self.kv_b_proj.weight.view(H, self.nope + self.v_dim, self.kv_rank)
+        w_HKC = self.kv_b_proj.weight.view(H, self.nope + self.v_dim, self.kv_rank).to(q_nope.dtype)
         w_uk_HNC, w_uv_HVC = w_HKC.split([self.nope, self.v_dim], dim=1)
-        q_lat_BHTC = torch.matmul(q_nope.transpose(1, 2), w_uk_HNC.to(q_nope.dtype))  # W_UK absorbed into q
+        q_lat_HNC = torch.bmm(q_nope.reshape(B * T, H, self.nope).transpose(0, 1), w_uk_HNC)  # W_UK into q
+        q_lat_BHTC = q_lat_HNC.view(H, B, T, self.kv_rank).transpose(0, 1)
         q_BML = torch.cat([q_lat_BHTC, q_pe.transpose(1, 2)], dim=-1).view(B, H * T, -1)
         scores_BMS = torch.baddbmm(bias_BMS.to(q_BML.dtype), q_BML, latent_BSL.transpose(1, 2), alpha=self.softmax_scale)
         p_BMS = scores_BMS.softmax(dim=-1, dtype=torch.float32).to(q_BML.dtype)
         o_lat_BMC = torch.bmm(p_BMS, latent_BSL[..., :self.kv_rank])
-        o_BHTV = torch.matmul(o_lat_BMC.view(B, H, T, -1), w_uv_HVC.to(o_lat_BMC.dtype).transpose(1, 2))
-        return o_BHTV.transpose(1, 2)                                                  # W_UV after attention
+        o_lat_HNC = o_lat_BMC.view(B, H, T, self.kv_rank).transpose(0, 1).reshape(H, B * T, self.kv_rank)
+        o_HNV = torch.bmm(o_lat_HNC, w_uv_HVC.transpose(1, 2))                          # W_UV after attention
+        return o_HNV.view(H, B, T, self.v_dim).permute(1, 2, 0, 3)                      # (B, T, H, V)
 
 
 def attention_bias(positions_BT: torch.Tensor, keys: int | torch.Tensor, heads: int,
