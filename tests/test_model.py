@@ -47,6 +47,41 @@ def test_absorbed_attention_equals_naive_in_one_mla_layer(tiny_model, assert_rel
     assert_rel_close(absorbed, naive, TOL, "MLA output")
 
 
+
+def test_folded_absorbed_path_equals_the_unfolded_one_and_follows_weight_updates(tiny_model, assert_rel_close):
+    """Without autograd the absorbed path uses W_UK folded into q_b_proj and W_UV into o_proj (derived weights,
+    cached). It must equal the unfolded path (taken with grad mode on), also after the weights change in place
+    (an optimizer step) or are replaced, when the cached folded weights must be rebuilt."""
+    attn = copy.deepcopy(tiny_model.model.layers[1].self_attn)
+    assert attn.fold
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 5, tiny_model.cfg.hidden_size, generator=g)
+    positions = _positions(30, 5, batch=2)
+    cos, sin = tiny_model.rotary(positions)
+    for change in ("none", "in place", "replaced"):
+        if change == "in place":
+            with torch.no_grad():
+                attn.kv_b_proj.weight.mul_(1.5)
+                attn.o_proj.weight.add_(0.05 * torch.randn(attn.o_proj.weight.shape, generator=g))
+        elif change == "replaced":
+            attn.q_b_proj.weight = torch.nn.Parameter(0.2 * torch.randn(attn.q_b_proj.weight.shape, generator=g))
+        unfolded = attn(x, cos, sin, positions, absorb=True)        # grad mode: the unfolded path
+        with torch.no_grad():
+            folded = attn(x, cos, sin, positions, absorb=True)
+            naive = attn(x, cos, sin, positions, absorb=False)
+        assert unfolded.requires_grad and not folded.requires_grad
+        assert_rel_close(folded, unfolded, TOL, f"folded vs unfolded MLA ({change})")
+        assert_rel_close(folded, naive, TOL, f"folded vs naive MLA ({change})")
+
+
+def test_mla_folds_only_where_the_folded_projections_stay_small():
+    """Folding grows the query projection to H*(kv_lora_rank + rope) outputs: worth it for the small presets, not
+    for V2/V3's 512-wide latent (3-4x the FLOPs)."""
+    with torch.device("meta"):
+        folds = {name: nanoseek.model.mla.MLA(ModelConfig.preset(name), 0).fold
+                 for name in ("tiny", "small", "v2-lite", "v3-671b")}
+    assert folds == {"tiny": True, "small": True, "v2-lite": False, "v3-671b": False}
+
 def test_attention_is_causal(tiny_model):
     cfg = tiny_model.cfg
     ids = _ids(cfg, batch=1, seq=30)

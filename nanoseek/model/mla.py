@@ -5,6 +5,13 @@ Two mathematically equal paths:
   (cheap in FLOPs; used for training and prefill);
 - absorbed: fold W_UK into the query and W_UV after the attention, so attention runs directly over the
   cached latent [c_KV ; k_pe] as MQA with one 576-dim key (cheap in memory; used for cached decoding).
+
+Without autograd (decode), the absorbed path can also fold W_UK into q_b_proj and W_UV into o_proj once,
+instead of applying them per step: a decode step is then a linear, attention over the latent, and a
+linear. The folded weights are derived state, rebuilt whenever a source weight changes (in-place update,
+reload, move or cast), and only used where they cost at most 2x the unfolded projections' FLOPs
+(true for the small presets, where every saved op counts; not for V2/V3, whose 512-wide latent makes
+the folded projections 3-4x larger).
 """
 
 from __future__ import annotations
@@ -23,9 +30,9 @@ class MLA(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
-        self.n_heads = cfg.num_attention_heads
+        self.n_heads = H = cfg.num_attention_heads
         self.nope, self.rope, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
-        self.kv_rank = cfg.kv_lora_rank
+        self.kv_rank = C = cfg.kv_lora_rank
         self.softmax_scale = cfg.softmax_scale
         qk = cfg.qk_head_dim
         if cfg.q_lora_rank is None:
@@ -38,6 +45,11 @@ class MLA(nn.Module):
         self.kv_a_layernorm = RMSNorm(self.kv_rank, cfg.rms_norm_eps)
         self.kv_b_proj = nn.Linear(self.kv_rank, self.n_heads * (self.nope + self.v_dim), bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.v_dim, cfg.hidden_size, bias=False)
+        # multiply-adds per token: q projection + W_UK + W_UV + o_proj, unfolded vs folded
+        q_in, D = cfg.q_lora_rank or cfg.hidden_size, cfg.hidden_size
+        unfolded = q_in * H * qk + H * self.nope * C + H * C * self.v_dim + H * self.v_dim * D
+        self.fold = q_in * H * (C + self.rope) + H * C * D <= 2 * unfolded
+        self._folded = None  # (source weights' identity and versions, w_q, w_o); not a parameter
 
     def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions_BT: torch.Tensor,
                 cache: LatentCache | None = None, slots_B: torch.Tensor | None = None,
@@ -51,32 +63,41 @@ class MLA(nn.Module):
         per forward for all layers, and it is built here when None.
         """
         B, T, _ = x_BTD.shape
-        if hasattr(self, "q_proj"):
-            q = self.q_proj(x_BTD)
-        else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BTD)))
-        q_BTHK = q.view(B, T, self.n_heads, self.nope + self.rope)
-        q_nope, q_pe = q_BTHK.split([self.nope, self.rope], dim=-1)
-        q_pe = apply_rope(q_pe, cos, sin)
-        kv_raw, k_pe = self.kv_a_proj_with_mqa(x_BTD).split([self.kv_rank, self.rope], dim=-1)
+        H, C, R = self.n_heads, self.kv_rank, self.rope
+        q_in = x_BTD if hasattr(self, "q_proj") else self.q_a_layernorm(self.q_a_proj(x_BTD))
+        kv_raw, k_pe = self.kv_a_proj_with_mqa(x_BTD).split([C, R], dim=-1)
         # [c_KV ; k_pe]: the cached row, and the absorbed path's single key head
         latent_BTL = torch.cat([self.kv_a_layernorm(kv_raw), apply_rope(k_pe, cos, sin)], dim=-1)
         if cache is not None:
             cache.write(self.layer_idx, slots_B, positions_BT, latent_BTL)
-        if absorb:
-            if cache is not None:
-                length = bias_BMS.shape[-1] if bias_BMS is not None else int(positions_BT.max()) + 1
-                latent_BSL = cache.read(self.layer_idx, slots_B, length, B).to(x_BTD.dtype)
-            else:
-                latent_BSL = latent_BTL
-            if bias_BMS is None:
-                keys = latent_BSL.shape[1] if cache is not None else positions_BT
-                bias_BMS = attention_bias(positions_BT, keys, self.n_heads, x_BTD.dtype)
-            o_BTHV = self._absorbed(q_nope, q_pe, latent_BSL, bias_BMS)
-        else:
-            c_kv_BTC, k_pe_BTR = latent_BTL.split([self.kv_rank, self.rope], dim=-1)
+        if not absorb:
+            q_nope, q_pe = self._q(q_in, cos, sin)
+            c_kv_BTC, k_pe_BTR = latent_BTL.split([C, R], dim=-1)
             o_BTHV = self._naive(q_nope, q_pe, c_kv_BTC, k_pe_BTR)
-        return self.o_proj(o_BTHV.reshape(B, T, self.n_heads * self.v_dim))
+            return self.o_proj(o_BTHV.reshape(B, T, H * self.v_dim))
+        if cache is not None:
+            length = bias_BMS.shape[-1] if bias_BMS is not None else int(positions_BT.max()) + 1
+            latent_BSL = cache.read(self.layer_idx, slots_B, length, B).to(x_BTD.dtype)
+        else:
+            latent_BSL = latent_BTL
+        if bias_BMS is None:
+            keys = latent_BSL.shape[1] if cache is not None else positions_BT
+            bias_BMS = attention_bias(positions_BT, keys, H, x_BTD.dtype)
+        if self.fold and not torch.is_grad_enabled():
+            w_q, w_o = self._folded_weights()
+            q_BTHL = F.linear(q_in, w_q).view(B, T, H, C + R)     # per head [W_UK^T q_nope ; q_pe]
+            q_BTHL[..., C:] = apply_rope(q_BTHL[..., C:], cos, sin)
+            o_lat_BMC = self._attend(q_BTHL.transpose(1, 2).reshape(B, H * T, C + R), latent_BSL, bias_BMS)
+            return F.linear(o_lat_BMC.view(B, H, T, C).transpose(1, 2).reshape(B, T, H * C), w_o)
+        q_nope, q_pe = self._q(q_in, cos, sin)
+        o_BTHV = self._absorbed(q_nope, q_pe, latent_BSL, bias_BMS)
+        return self.o_proj(o_BTHV.reshape(B, T, H * self.v_dim))
+
+    def _q(self, q_in, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head queries (B, T, H, nope) and rotated (B, T, H, rope)."""
+        q = self.q_proj(q_in) if hasattr(self, "q_proj") else self.q_b_proj(q_in)
+        q_nope, q_pe = q.unflatten(-1, (self.n_heads, self.nope + self.rope)).split([self.nope, self.rope], -1)
+        return q_nope, apply_rope(q_pe, cos, sin)
 
     def _naive(self, q_nope, q_pe, c_kv_BTC, k_pe_BTR) -> torch.Tensor:
         B, T, H, _ = q_nope.shape
@@ -88,23 +109,45 @@ class MLA(nn.Module):
         return o.transpose(1, 2)
 
     def _absorbed(self, q_nope, q_pe, latent_BSL, bias_BMS) -> torch.Tensor:
-        """MQA over the latent: one key head [c_KV ; k_pe] and one value head c_KV shared by all H query
-        heads, so the heads fold into the query rows (M = H*T, head-major) and attention is three batched
-        ops (baddbmm, softmax, bmm) rather than SDPA's math fallback (its key and value widths differ).
-        W_UK and W_UV are applied as bmm with the heads as the batch and all B*T tokens as rows: a
-        broadcast matmul over (B, H) would copy the weights B times."""
+        """W_UK into the query, attention over the latent, W_UV after it; (B, T, H, V). W_UK and W_UV are
+        applied as bmm with the heads as the batch and all B*T tokens as rows: a broadcast matmul over
+        (B, H) would copy the weights B times."""
         B, T, H, _ = q_nope.shape
         w_HKC = self.kv_b_proj.weight.view(H, self.nope + self.v_dim, self.kv_rank).to(q_nope.dtype)
         w_uk_HNC, w_uv_HVC = w_HKC.split([self.nope, self.v_dim], dim=1)
-        q_lat_HNC = torch.bmm(q_nope.reshape(B * T, H, self.nope).transpose(0, 1), w_uk_HNC)  # W_UK into q
+        q_lat_HNC = torch.bmm(q_nope.reshape(B * T, H, self.nope).transpose(0, 1), w_uk_HNC)
         q_lat_BHTC = q_lat_HNC.view(H, B, T, self.kv_rank).transpose(0, 1)
         q_BML = torch.cat([q_lat_BHTC, q_pe.transpose(1, 2)], dim=-1).view(B, H * T, -1)
-        scores_BMS = torch.baddbmm(bias_BMS.to(q_BML.dtype), q_BML, latent_BSL.transpose(1, 2), alpha=self.softmax_scale)
-        p_BMS = scores_BMS.softmax(dim=-1, dtype=torch.float32).to(q_BML.dtype)
-        o_lat_BMC = torch.bmm(p_BMS, latent_BSL[..., :self.kv_rank])
+        o_lat_BMC = self._attend(q_BML, latent_BSL, bias_BMS)
         o_lat_HNC = o_lat_BMC.view(B, H, T, self.kv_rank).transpose(0, 1).reshape(H, B * T, self.kv_rank)
-        o_HNV = torch.bmm(o_lat_HNC, w_uv_HVC.transpose(1, 2))                          # W_UV after attention
-        return o_HNV.view(H, B, T, self.v_dim).permute(1, 2, 0, 3)                      # (B, T, H, V)
+        o_HNV = torch.bmm(o_lat_HNC, w_uv_HVC.transpose(1, 2))
+        return o_HNV.view(H, B, T, self.v_dim).permute(1, 2, 0, 3)
+
+    def _attend(self, q_BML, latent_BSL, bias_BMS) -> torch.Tensor:
+        """MQA over the latent: one key head [c_KV ; k_pe] and one value head c_KV shared by all H query
+        heads, so the heads fold into the query rows (M = H*T, head-major) and attention is three batched
+        ops rather than SDPA's math fallback (its key and value widths differ). Returns (B, M, C)."""
+        scores_BMS = torch.baddbmm(bias_BMS.to(q_BML.dtype), q_BML, latent_BSL.transpose(1, 2),
+                                   alpha=self.softmax_scale)
+        p_BMS = scores_BMS.softmax(dim=-1, dtype=torch.float32).to(q_BML.dtype)
+        return torch.bmm(p_BMS, latent_BSL[..., :self.kv_rank])
+
+    def _folded_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """w_q (H*(C+R), q_in): per head [W_UK^T W_q,nope ; W_q,pe]; w_o (D, H*C): per head W_O,h W_UV,h.
+        Rebuilt when a source weight is replaced or updated in place (its data pointer or version moves)."""
+        w_qb = self.q_proj.weight if hasattr(self, "q_proj") else self.q_b_proj.weight
+        sources = (w_qb, self.kv_b_proj.weight, self.o_proj.weight)
+        key = tuple((w.data_ptr(), w._version, w.dtype) for w in sources)
+        if self._folded is None or self._folded[0] != key:
+            H, N, R, C, V = self.n_heads, self.nope, self.rope, self.kv_rank, self.v_dim
+            # ordinary tensors even if called in inference mode: they outlive it (copies, later no_grad use)
+            with torch.inference_mode(False), torch.no_grad():
+                w_uk_HNC, w_uv_HVC = self.kv_b_proj.weight.float().view(H, N + V, C).split([N, V], dim=1)
+                w_nope_HNQ, w_pe_HRQ = w_qb.float().view(H, N + R, -1).split([N, R], dim=1)
+                w_q = torch.cat([w_uk_HNC.transpose(1, 2) @ w_nope_HNQ, w_pe_HRQ], dim=1).flatten(0, 1)
+                w_o = (self.o_proj.weight.float().view(-1, H, V).transpose(0, 1) @ w_uv_HVC).transpose(0, 1)
+                self._folded = (key, w_q.to(w_qb.dtype), w_o.flatten(1).to(w_qb.dtype).contiguous())
+        return self._folded[1], self._folded[2]
 
 
 def attention_bias(positions_BT: torch.Tensor, keys: int | torch.Tensor, heads: int,
