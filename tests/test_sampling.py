@@ -11,7 +11,7 @@ import torch
 import nanoseek
 from nanoseek import ModelConfig
 from nanoseek.infer import LLM, SamplingParams, greedy_generate
-from nanoseek.infer.sampler import apply_penalties, sample_from_probs, truncate
+from nanoseek.infer.sampler import apply_penalties, logprobs_of, sample_from_probs, truncate
 
 
 @pytest.fixture(scope="module")
@@ -156,3 +156,17 @@ def test_temperature_sampling_frequencies_match_softmax(model):
     z = (counts[likely] - N * p[likely]) / (N * p[likely] * (1 - p[likely])).sqrt()
     assert z.abs().max() < 4.5, z
     assert math.isclose(counts.sum().item(), N)
+
+
+def test_chosen_logprobs_without_top_n_equal_log_softmax():
+    """Rows that want no top-n alternatives take the logsumexp shortcut (no (B, V) log_softmax); with and
+    without alternatives requested, the chosen tokens' logprobs are log_softmax(logits)[token]."""
+    g = torch.Generator().manual_seed(0)
+    logits = 4 * torch.randn(5, 300, generator=g)
+    tokens = torch.randint(0, 300, (5,), generator=g)
+    want = logits.log_softmax(-1).gather(1, tokens[:, None]).squeeze(1)
+    fast, none = logprobs_of(logits, tokens, [None] * 5)
+    full, dicts = logprobs_of(logits, tokens, [None, 2, None, None, 0])
+    torch.testing.assert_close(fast, want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(full, want, rtol=0, atol=1e-5)
+    assert none == [None] * 5 and dicts[0] is None and len(dicts[1]) in (2, 3) and list(dicts[4]) == [int(tokens[4])]

@@ -208,11 +208,14 @@ class LLMEngine:
         rows = range(len(seqs)) if rows is None else rows
         if not rows:
             return
-        idx = torch.tensor(list(rows), dtype=torch.long)
-        lp, dicts = logprobs_of(logits_BV[idx], tokens_B[idx], [seqs[b].params.logprobs for b in rows], self._decode)
-        for j, (b, t) in enumerate(zip(rows, tokens_B[idx].tolist())):
+        if len(rows) < len(seqs):   # a subset: gather its rows (all rows: use the tensors as they are)
+            idx = torch.tensor(list(rows), dtype=torch.long, device=logits_BV.device)
+            logits_BV, tokens_B = logits_BV[idx], tokens_B[idx]
+        lp, dicts = logprobs_of(logits_BV, tokens_B, [seqs[b].params.logprobs for b in rows], self._decode)
+        lp = lp.tolist()
+        for j, (b, t) in enumerate(zip(rows, tokens_B.tolist())):
             s = seqs[b]
-            s.append(t, float(lp[j]), dicts[j], self.eos_token_id, s.request.max_tokens)
+            s.append(t, lp[j], dicts[j], self.eos_token_id, s.request.max_tokens)
             self.stats.generated_tokens += 1
 
     def _decode_step(self, seqs: list[Sequence]) -> None:

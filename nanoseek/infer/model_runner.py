@@ -35,20 +35,24 @@ class ModelRunner:
     def _tensor(self, rows: list[list[int]]) -> torch.Tensor:
         return torch.tensor(rows, dtype=torch.long, device=self.device)
 
+    def _slots(self, slots: list[int]) -> torch.Tensor | None:
+        """None for slots 0..B-1 in order (the cache then reads views, not gathered copies)."""
+        return None if slots == list(range(len(slots))) else self._tensor(slots)
+
     @torch.inference_mode()
     def prefill(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
         """Hidden states (B, T, D) of right-padded prompts written into cache rows `slots`."""
         T = max(map(len, prompts))
         ids = self._tensor([p + [0] * (T - len(p)) for p in prompts])
         positions = torch.arange(T, device=self.device).expand(len(prompts), T)
-        return self.model.hidden_states(ids, positions, self.cache, self._tensor(slots), absorb=False)
+        return self.model.hidden_states(ids, positions, self.cache, self._slots(slots), absorb=False)
 
     @torch.inference_mode()
     def forward(self, ids: list[list[int]], starts: list[int], slots: list[int]) -> torch.Tensor:
         """Hidden states (B, T, D) of T new tokens per row at positions start..start+T-1, over the cache."""
         ids_BT = self._tensor(ids)
         positions = self._tensor(starts)[:, None] + torch.arange(ids_BT.shape[1], device=self.device)
-        return self.model.hidden_states(ids_BT, positions, self.cache, self._tensor(slots), absorb=True)
+        return self.model.hidden_states(ids_BT, positions, self.cache, self._slots(slots), absorb=True)
 
     @torch.inference_mode()
     def mtp(self, h_BTD: torch.Tensor, next_ids: list[list[int]], starts: list[int], slots: list[int],
@@ -57,7 +61,7 @@ class ModelRunner:
         and the token that followed it, and predicts the token after that."""
         ids_BT = self._tensor(next_ids)
         positions = self._tensor(starts)[:, None] + torch.arange(ids_BT.shape[1], device=self.device)
-        _, logits = self.model.mtp_step(k, h_BTD, ids_BT, positions, self.cache, self._tensor(slots), absorb=absorb)
+        _, logits = self.model.mtp_step(k, h_BTD, ids_BT, positions, self.cache, self._slots(slots), absorb=absorb)
         return logits.float()
 
     @torch.inference_mode()
@@ -65,7 +69,7 @@ class ModelRunner:
         """Write MTP module k's latents for positions 0..T-1 (a prefill); no logits are computed."""
         ids_BT = self._tensor(next_ids)
         positions = torch.arange(ids_BT.shape[1], device=self.device).expand_as(ids_BT)
-        self.model.mtp_step(k, h_BTD, ids_BT, positions, self.cache, self._tensor(slots), absorb=False, logits=False)
+        self.model.mtp_step(k, h_BTD, ids_BT, positions, self.cache, self._slots(slots), absorb=False, logits=False)
 
     @torch.inference_mode()
     def logits(self, h: torch.Tensor) -> torch.Tensor:

@@ -155,11 +155,14 @@ def logprobs_of(logits_BV: torch.Tensor, tokens_B: torch.Tensor, n_top: Seq[int 
                 decode=None) -> tuple[torch.Tensor, list[PositionLogprobs | None]]:
     """Raw-model logprobs of the chosen tokens (B,), and per row (None where n_top is None) a dict of the
     chosen token and the top-n alternatives, vLLM style (rank 1 = most likely)."""
-    lp_BV = logits_BV.float().log_softmax(dim=-1)
-    tokens_B = tokens_B.to(lp_BV.device)
-    chosen_B = lp_BV.gather(1, tokens_B[:, None]).squeeze(1)
+    logits_BV = logits_BV.float()
+    tokens_B = tokens_B.to(logits_BV.device)
     dicts: list[PositionLogprobs | None] = [None] * len(n_top)
     wanted = [b for b, n in enumerate(n_top) if n is not None]
+    if not wanted:  # only the chosen tokens' logprobs (every decode step): x_t - logsumexp(x), no (B, V) output
+        return logits_BV.gather(1, tokens_B[:, None]).squeeze(1) - logits_BV.logsumexp(dim=-1), dicts
+    lp_BV = logits_BV.log_softmax(dim=-1)
+    chosen_B = lp_BV.gather(1, tokens_B[:, None]).squeeze(1)
     if wanted:
         rank_B = (lp_BV > chosen_B[:, None]).sum(-1) + 1
         k = min(max(n_top[b] for b in wanted), lp_BV.shape[-1])
