@@ -61,11 +61,11 @@ def rows(out) -> list[dict]:
 
 
 def test_grpo_raises_the_toy_reward(init_dir, tmp_path):
-    last = trainer(init_dir, tmp_path, toy_cfg()).fit()
+    last = trainer(init_dir, tmp_path, toy_cfg(steps=32)).fit()
     log = rows(tmp_path)
-    assert [r["step"] for r in log] == list(range(1, 17)) and last == log[-1]
+    assert [r["step"] for r in log] == list(range(1, 33)) and last == log[-1]
     first, final = sum(r["reward"] for r in log[:4]) / 4, sum(r["reward"] for r in log[-4:]) / 4
-    assert final > first + 0.1, (first, final)   # measured: 0.20 -> 0.40
+    assert final > first + 0.2, (first, final)   # measured: 0.19 -> 0.60
     for key in ("reward_std", "rewards/low/mean", "rewards/low/std", "accuracy", "frac_reward_zero_std", "entropy",
                 "clip_ratio", "completion_len_mean", "completion_len_max", "truncated_share", "reflection_share",
                 "recheck_share", "gen_time", "train_time", "tokens_per_s", "grad_norm", "lr"):

@@ -8,8 +8,10 @@ Two mathematically equal paths:
 
 Without autograd (decode), the absorbed path can also fold W_UK into q_b_proj and W_UV into o_proj once,
 instead of applying them per step: a decode step is then a linear, attention over the latent, and a
-linear. The folded weights are derived state, rebuilt whenever a source weight changes (in-place update,
-reload, move or cast), and only used where they cost at most 2x the unfolded projections' FLOPs
+linear. The folded weights are derived state, rebuilt whenever a source weight is replaced, moved, cast
+or updated in place by an op that bumps its version counter. Fused optimizers (torch.optim.AdamW(fused=True))
+update in place without bumping it, so code that trains a model and decodes with it in turn (GRPO) must
+call `invalidate_caches()` after each optimizer step. The folded weights are only used where they cost at most 2x the unfolded projections' FLOPs
 (true for the small presets, where every saved op counts; not for V2/V3, whose 512-wide latent makes
 the folded projections 3-4x larger).
 """
@@ -92,6 +94,10 @@ class MLA(nn.Module):
         q_nope, q_pe = self._q(q_in, cos, sin)
         o_BTHV = self._absorbed(q_nope, q_pe, latent_BSL, bias_BMS)
         return self.o_proj(o_BTHV.reshape(B, T, H * self.v_dim))
+
+    def invalidate_caches(self) -> None:
+        """Drop the folded projections; they are rebuilt from the current weights on the next decode."""
+        self._folded = None
 
     def _q(self, q_in, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-head queries (B, T, H, nope) and rotated (B, T, H, rope)."""

@@ -168,6 +168,13 @@ class Transformer(nn.Module):
                 raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size}); got [{low}, {high}]")
 
     # ---- utilities ------------------------------------------------------------------------------
+    def invalidate_caches(self) -> None:
+        """Forget weight-derived tensors (MLA's folded decode projections) after an in-place weight
+        update that tensor versions do not show, e.g. a fused AdamW step (see nanoseek/model/mla.py)."""
+        for module in self.modules():
+            if isinstance(module, MLA):
+                module.invalidate_caches()
+
     def moe_layers(self) -> list[tuple[str, MoE]]:
         return [(name, m) for name, m in self.named_modules() if isinstance(m, MoE)]
 

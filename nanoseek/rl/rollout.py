@@ -81,10 +81,10 @@ def sample_groups(llm: LLM, prompts: Sequence[list[int]], problems: Sequence, gr
 def sync_engine(llm: LLM) -> None:
     """Tell the engine that the weights of its model changed in place (after an optimizer step).
 
-    Today the engine derives nothing from the weights (absorbed MLA reads kv_b_proj.weight on every
-    call), so there is nothing to drop; a model or engine that caches weight-derived tensors exposes
-    `invalidate_caches()`, and this calls it. tests/test_grpo.py checks that an engine reused after an
-    update samples what a fresh one does, so a stale cache cannot slip in unnoticed.
+    The model caches weight-derived tensors (MLA's folded decode projections) and the fused AdamW
+    step does not bump the weights' version counters, so the model cannot see the update itself;
+    `invalidate_caches()` of the engine or the model drops them. tests/test_grpo.py checks that an
+    engine reused after an update samples what a fresh one does, so a stale cache cannot slip in.
     """
     for owner in (llm.llm_engine, llm.model):
         hook = getattr(owner, "invalidate_caches", None)
