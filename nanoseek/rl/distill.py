@@ -112,6 +112,7 @@ class Distiller(SFTTrainer):
                                   os.path.join(out, "student_init"))
         super().__init__(cfg, init, out, resume=resume, progress=progress)
         if self.teacher is not None:
+            self.teacher.to(self.device)
             if self.teacher.cfg.vocab_size != self.model.cfg.vocab_size:
                 raise ValueError(f"KD needs one vocabulary: the teacher has {self.teacher.cfg.vocab_size} logits, "
                                  f"the student {self.model.cfg.vocab_size}")

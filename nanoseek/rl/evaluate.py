@@ -20,6 +20,9 @@ import statistics
 from dataclasses import dataclass
 from typing import Sequence
 
+import torch
+
+from ..checkpoint import from_pretrained
 from ..infer import LLM, SamplingParams
 from .data import Problem, prompt_ids, question_of, task_of
 from .rewards import final_answer, format_reward, is_correct
@@ -54,6 +57,15 @@ class EvalConfig:
             raise ValueError(f"EvalConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
 
+def make_llm(model, tokenizer, max_num_seqs: int, seed: int) -> LLM:
+    """An LLM for a Transformer or a checkpoint folder (loaded on the GPU when there is one); an LLM as is."""
+    if isinstance(model, LLM):
+        return model
+    if not isinstance(model, torch.nn.Module):
+        model = from_pretrained(model, device="cuda" if torch.cuda.is_available() else "cpu")
+    return LLM(model, tokenizer=tokenizer, max_num_seqs=max_num_seqs, seed=seed)
+
+
 def majority_answer(answers: Sequence[str | None]) -> str | None:
     """The most frequent answer (whitespace-insensitive), first-seen wins ties; None if none voted."""
     votes = collections.Counter("".join(a.split()) for a in answers if a is not None)
@@ -77,8 +89,7 @@ def evaluate(model, tokenizer, problems: Sequence[Problem], cfg: EvalConfig | No
     "samples": {task: [{"question", "completion", "correct"}, ...]}}. Rates are fractions in [0, 1].
     """
     cfg = cfg or EvalConfig()
-    llm = model if isinstance(model, LLM) else LLM(model, tokenizer=tokenizer, max_num_seqs=cfg.max_num_seqs,
-                                                     seed=cfg.seed)
+    llm = make_llm(model, tokenizer, cfg.max_num_seqs, cfg.seed)
     was_training = llm.model.training
     llm.model.eval()
     params = [SamplingParams(n=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens,

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from ..data.r1_format import format_ok
-from ..infer import LLM, SamplingParams
+from ..infer import SamplingParams
 from .data import Problem, prompt_ids, question_of, task_of
+from .evaluate import make_llm
 from .rewards import final_answer, is_correct, repetition_penalty_reward
 
 
@@ -69,8 +70,7 @@ def rejection_sample(model, tokenizer, problems: Sequence[Problem],
     order of REJECT_REASONS), plus the kept rows per task.
     """
     cfg = cfg or SampleConfig()
-    llm = model if isinstance(model, LLM) else LLM(model, tokenizer=tokenizer, max_num_seqs=cfg.max_num_seqs,
-                                                     seed=cfg.seed)
+    llm = make_llm(model, tokenizer, cfg.max_num_seqs, cfg.seed)
     llm.model.eval()
     params = [SamplingParams(n=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens,
                              seed=cfg.seed + i) for i in range(len(problems))]

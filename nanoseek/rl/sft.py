@@ -75,6 +75,7 @@ class SFTConfig:
         max_bad_steps: consecutive non-finite losses tolerated (each skips its step) before aborting.
         seed: data order (and a fresh distillation student's init).
         threads: torch CPU threads (0: torch's default).
+        device: "cpu", "cuda", ... (None: cuda when available, else cpu).
         max_examples: use only the first N rows of `data` (None: all).
     """
 
@@ -101,6 +102,7 @@ class SFTConfig:
     max_bad_steps: int = 5
     seed: int = 0
     threads: int = 0
+    device: str | None = None
     max_examples: int | None = None
 
     def __post_init__(self):
@@ -218,7 +220,9 @@ class SFTTrainer:
         latest = list_checkpoints(self.ckpt_dir)[-1] if resume and list_checkpoints(self.ckpt_dir) else None
         if resume and latest is None:
             warnings.warn(f"--resume: no complete checkpoint in {self.ckpt_dir}; starting from {init}", stacklevel=2)
+        self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model, self.tokenizer = load_init(latest or init)
+        self.model.to(self.device)
         if self.tokenizer.vocab_size > self.model.cfg.vocab_size:
             raise ValueError(f"the tokenizer in {init} has {self.tokenizer.vocab_size} ids but the model only "
                              f"{self.model.cfg.vocab_size}: they do not belong together")
@@ -271,14 +275,15 @@ class SFTTrainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         t0 = time.perf_counter()
-        micro = [collate_examples([self.examples[i] for i in next(self.batches)], self.tokenizer.pad_id)
+        micro = [tuple(t.to(self.device) for t in collate_examples([self.examples[i] for i in next(self.batches)],
+                                                                   self.tokenizer.pad_id))
                  for _ in range(cfg.grad_accum)]
         n_tokens = sum(int((labels != IGNORE_INDEX).sum()) for _, labels in micro)
         weights = self.loss_weights()
         totals: dict[str, float] = {"loss": 0.0}
         finite = True
         for input_ids, labels in micro:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
                 parts, _ = self.loss_parts(input_ids, labels, n_tokens)
                 loss = sum(weights[k] * v for k, v in parts.items())
             if not torch.isfinite(loss):

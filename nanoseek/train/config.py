@@ -52,6 +52,7 @@ class TrainConfig:
         peak_gflops: matmul peak for the MFU estimate; None measures it once at start.
         seed: seeds model init, data order and dropout-free training exactly.
         threads: torch CPU threads (0: torch's default).
+        device: "cpu", "cuda", ... (None: cuda when available, else cpu).
     """
 
     preset: str = "small"
@@ -93,6 +94,7 @@ class TrainConfig:
     peak_gflops: float | None = None
     seed: int = 0
     threads: int = 0
+    device: str | None = None
 
     def __post_init__(self):
         def req(ok, name, rule):

@@ -54,14 +54,17 @@ def flops_per_token(model: Transformer, seq_len: int) -> float:
     return 6 * params + attn
 
 
-def measure_peak_gflops(seconds: float = 0.5) -> float:
-    """fp32 matmul throughput of this machine on a 1024^3 product (for the MFU estimate)."""
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+def measure_peak_gflops(seconds: float = 0.5, device: torch.device | str = "cpu") -> float:
+    """fp32 matmul throughput of `device` on a 1024^3 product (for the MFU estimate)."""
+    a, b = torch.randn(1024, 1024, device=device), torch.randn(1024, 1024, device=device)
     a @ b
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    sync()
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         a @ b
         n += 1
+    sync()
     return 2 * 1024 ** 3 * n / (time.perf_counter() - t0) / 1e9
 
 
@@ -76,9 +79,10 @@ class Trainer:
         if resume and latest is None:
             warnings.warn(f"--resume: no complete checkpoint in {self.ckpt_dir}; starting from scratch", stacklevel=2)
         torch.manual_seed(cfg.seed)
+        self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.data: TrainData = prepare_data(cfg, tokenizer_dir=latest)
         if latest is not None:
-            self.model = from_pretrained(latest, dtype=torch.float32)
+            self.model = from_pretrained(latest, dtype=torch.float32, device=self.device)
         else:
             model_cfg = ModelConfig.preset(cfg.preset, **{**cfg.model, "vocab_size": self.data.tokenizer.vocab_size,
                                                           "bos_token_id": self.data.tokenizer.bos_id,
@@ -87,7 +91,7 @@ class Trainer:
             if model_cfg.max_position_embeddings < cfg.seq_len:
                 raise ValueError(f"seq_len {cfg.seq_len} exceeds the model's max_position_embeddings "
                                  f"{model_cfg.max_position_embeddings}")
-            self.model = build_model(model_cfg, seed=cfg.seed)
+            self.model = build_model(model_cfg, seed=cfg.seed, device=self.device)
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.dim() < 2]
         self.optimizer = torch.optim.AdamW(
@@ -101,7 +105,7 @@ class Trainer:
         self.tracker = LoadTracker(self.model)
         self.metrics = MetricsLog(out_dir, resume_step=self.step if latest is not None else None)
         self.flops_per_token = flops_per_token(self.model, cfg.seq_len)
-        self.peak = cfg.peak_gflops or measure_peak_gflops()
+        self.peak = cfg.peak_gflops or measure_peak_gflops(device=self.device)
 
     # ---- one optimizer step ---------------------------------------------------------------------
     def train_step(self) -> dict:
@@ -116,8 +120,8 @@ class Trainer:
         t0 = time.perf_counter()
         self.tracker.reset()
         for _ in range(cfg.grad_accum):
-            batch = next(self.data.train)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            batch = next(self.data.train).to(self.device)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
                 lm, mtp_losses = language_model_losses(model, batch.input_ids, batch.labels, mtp=lam > 0)
                 loss = lm
                 if mtp_losses:
@@ -171,8 +175,9 @@ class Trainer:
     @torch.no_grad()
     def validate(self) -> float:
         self.model.eval()
-        losses = [language_model_losses(self.model, batch.input_ids, batch.labels, mtp=False)[0].item()
-                  for batch in self.data.val_batches(self.cfg.batch_size, self.cfg.val_batches)]
+        losses = [language_model_losses(self.model, b.input_ids, b.labels, mtp=False)[0].item()
+                  for b in (batch.to(self.device) for batch in self.data.val_batches(self.cfg.batch_size,
+                                                                                      self.cfg.val_batches))]
         return sum(losses) / max(1, len(losses))
 
     def save(self) -> str:
