@@ -75,27 +75,30 @@ class R1Config:
     scale: float = 1.0
     preset: str = "small"
     pretrain_docs: int = 1500
-    pretrain: dict = field(default_factory=lambda: {"max_steps": 600, "save_every": 200, "val_every": 200,
-                                                    "warmup_steps": 30})
-    student_pretrain: dict = field(default_factory=lambda: {"max_steps": 600, "save_every": 200, "val_every": 200,
+    # 512-token rows (not 256): a document (170-350 tokens) split across rows loses its question, and those
+    # fragments teach the model to write numbers it cannot have read (docs/r1_report.md)
+    pretrain: dict = field(default_factory=lambda: {"max_steps": 1400, "seq_len": 512, "batch_size": 4,
+                                                    "save_every": 350, "val_every": 350, "warmup_steps": 30})
+    student_pretrain: dict = field(default_factory=lambda: {"max_steps": 1000, "seq_len": 512, "batch_size": 4,
+                                                            "save_every": 500, "val_every": 500,
                                                             "warmup_steps": 30, "balance": "none",
                                                             "mtp_lambda": 0.0, "mtp_lambda_late": 0.0,
                                                             "model": STUDENT_MODEL})
-    cold_start_examples: int = 100
+    cold_start_examples: int = 200
     cold_start: dict = field(default_factory=lambda: {"epochs": 2, "lr": 1e-3})
-    grpo: dict = field(default_factory=lambda: {"steps": 40, "prompts_per_step": 8, "group_size": 8,
-                                                "max_new_tokens": 160, "save_every": 20})
+    grpo: dict = field(default_factory=lambda: {"steps": 40, "prompts_per_step": 8, "group_size": 8, "lr": 1e-4,
+                                                "max_new_tokens": 256, "save_every": 20})
     sample_problems: int = 150
-    sample: dict = field(default_factory=lambda: {"k": 4, "max_new_tokens": 160, "temperature": 1.0})
+    sample: dict = field(default_factory=lambda: {"k": 4, "max_new_tokens": 256, "temperature": 1.0})
     rs_sft: dict = field(default_factory=lambda: {"epochs": 2, "lr": 1e-3})
-    rl2: dict = field(default_factory=lambda: {"steps": 30, "prompts_per_step": 8, "group_size": 8,
-                                               "max_new_tokens": 160, "temperature": 0.7, "save_every": 15})
+    rl2: dict = field(default_factory=lambda: {"steps": 30, "prompts_per_step": 8, "group_size": 8, "lr": 1e-4,
+                                               "max_new_tokens": 256, "temperature": 0.7, "save_every": 15})
     distill: dict = field(default_factory=lambda: {"epochs": 2, "lr": 1e-3})
     student_grpo: dict = field(default_factory=lambda: {"steps": 40, "prompts_per_step": 8, "group_size": 8,
-                                                        "max_new_tokens": 160, "template": "r1_zero",
+                                                        "lr": 1e-4, "max_new_tokens": 256, "template": "r1_zero",
                                                         "save_every": 20})
     eval_problems: int = 30
-    eval: dict = field(default_factory=lambda: {"k": 4, "max_new_tokens": 160})
+    eval: dict = field(default_factory=lambda: {"k": 4, "max_new_tokens": 256})
     threads: int = 0
 
     def __post_init__(self):

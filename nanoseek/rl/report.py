@@ -13,6 +13,7 @@ import os
 from ..train.metrics import read_jsonl
 
 RL_STAGES = ("grpo", "rl2", "student_grpo")
+SMOOTH = 5  # steps per point of the curves' moving average: one step's 8 prompts are a noisy sample
 
 
 def write_report(out: str, records: list[dict]) -> dict:
@@ -79,11 +80,13 @@ def _plot_rl_curves(out: str) -> str | None:
     except ImportError:
         return None
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for stage, rows in runs.items():
+    for color, (stage, rows) in zip(("C0", "C1", "C2"), runs.items()):
         steps = [r["step"] for r in rows]
         for ax, key in zip(axes, ("reward", "accuracy", "completion_len_mean")):
-            ax.plot(steps, [r.get(key, float("nan")) for r in rows], label=stage)
-            ax.set_title(key)
+            values = [r.get(key, float("nan")) for r in rows]
+            ax.plot(steps, values, color=color, alpha=0.25)
+            ax.plot(steps, _moving_average(values, SMOOTH), color=color, label=stage)
+            ax.set_title(f"{key} (faint: per step; solid: mean of {SMOOTH})")
             ax.set_xlabel("step")
     axes[0].legend()
     fig.tight_layout()
@@ -91,6 +94,12 @@ def _plot_rl_curves(out: str) -> str | None:
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
+
+
+def _moving_average(values: list[float], window: int) -> list[float]:
+    """Trailing mean over the last `window` values (fewer at the start)."""
+    return [sum(values[max(0, i + 1 - window):i + 1]) / len(values[max(0, i + 1 - window):i + 1])
+            for i in range(len(values))]
 
 
 def _atomic_write(path: str, text: str) -> None:
