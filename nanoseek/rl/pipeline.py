@@ -50,7 +50,8 @@ class R1Config:
 
     Attributes:
         tasks: built-in tasks used everywhere (pretraining corpus, SFT, RL, evaluation).
-        difficulty: task level for every stage (None mixes all levels).
+        difficulty: task level for every stage (None mixes all levels). Level 1 holds only about 1,900
+            linear and 2,400 countdown training problems, so a large `scale` needs None.
         seed: seeds every stage.
         scale: multiplies every stage's steps, data sizes and evaluation size (1 = the CPU default run,
             about 30 minutes on 2 cores; GPUs: e.g. --scale 10 with a bigger --preset).
