@@ -19,6 +19,38 @@ class ConfigError(ValueError):
     """An invalid ModelConfig field; the message names the field and the rule."""
 
 
+def read_config_file(cls, path: str | os.PathLike) -> dict:
+    """The fields of dataclass `cls` set in a JSON or TOML file; ConfigError for a missing or unparsable
+    file and for names that are not fields of `cls`."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path} does not exist")
+    toml = path.endswith(".toml")
+    try:
+        if toml:
+            import tomllib
+            with open(path, "rb") as f:
+                values = tomllib.load(f)
+        else:
+            with open(path) as f:
+                values = json.load(f)
+    except ValueError as e:  # JSONDecodeError and TOMLDecodeError are ValueErrors
+        raise ConfigError(f"config file {path} is not valid {'TOML' if toml else 'JSON'}: {e}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must hold an object of {cls.__name__} fields")
+    unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ConfigError(f"unknown {cls.__name__} field(s) in {path}: {sorted(unknown)}")
+    return values
+
+
+def load_config(cls, path: str | os.PathLike | None = None, overrides: dict | None = None):
+    """`cls` built from its defaults <- a JSON/TOML file (read_config_file) <- overrides (None values ignored)."""
+    values = read_config_file(cls, path) if path is not None else {}
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return cls(**values)
+
+
 _SCORING = ("sigmoid", "softmax")
 _TOPK = ("noaux_tc", "greedy", "group_limited_greedy")
 

@@ -35,7 +35,7 @@ def add_parsers(sub) -> None:
 
     p = sub.add_parser("r1", help="the whole R1 recipe, stage by stage, with report.md/report.json (resumable)")
     p.add_argument("--out", default="runs/r1", help="run folder (default: runs/r1); rerun to resume")
-    p.add_argument("--config", default=None, help="JSON file of R1Config fields (stage dicts merge into defaults)")
+    p.add_argument("--config", default=None, help="JSON/TOML file of R1Config fields (stage dicts merge into defaults)")
     p.add_argument("--stages", nargs="+", default=None, help="run only these stages (default: all, in order)")
     p.add_argument("--scale", type=float, default=None,
                    help="multiply steps, data and eval sizes (default 1: ~30 min on 2 CPU cores; GPUs: e.g. 10)")

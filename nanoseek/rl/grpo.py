@@ -25,7 +25,6 @@ Key choices (defaults in GRPOConfig, reasons next to each field):
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import shutil
@@ -38,7 +37,7 @@ import torch
 from tqdm import tqdm
 
 from ..checkpoint import from_pretrained
-from ..config import ConfigError
+from ..config import ConfigError, load_config
 from ..data.tokenizer import Tokenizer
 from ..infer import LLM, prompt_opens_think
 from ..train.metrics import MetricsLog, read_jsonl
@@ -186,28 +185,7 @@ class GRPOConfig:
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, **overrides) -> "GRPOConfig":
         """Defaults <- JSON/TOML file <- overrides (None values are ignored)."""
-        values: dict = {}
-        if path is not None:
-            path = os.fspath(path)
-            if not os.path.isfile(path):
-                raise ConfigError(f"config file {path} does not exist")
-            try:
-                if path.endswith(".toml"):
-                    import tomllib
-                    with open(path, "rb") as f:
-                        values = tomllib.load(f)
-                else:
-                    with open(path) as f:
-                        values = json.load(f)
-            except ValueError as e:
-                raise ConfigError(f"config file {path} is not valid {'TOML' if path.endswith('.toml') else 'JSON'}: "
-                                  f"{e}") from None
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ConfigError(f"unknown GRPOConfig field(s) in {path}: {sorted(unknown)}")
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
+        return load_config(cls, path, overrides)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..config import ConfigError
+from ..config import ConfigError, read_config_file
 from ..data.r1_format import r1_document
 from ..data.tokenizer import Tokenizer
 from .data import cold_start_rows, read_rows, task_examples, write_rows
@@ -113,17 +113,8 @@ class R1Config:
 
     @classmethod
     def load(cls, path: str | None = None, **overrides) -> "R1Config":
-        """Defaults <- JSON file (stage dicts are merged into the defaults) <- overrides (None ignored)."""
-        values = {}
-        if path is not None:
-            if not os.path.isfile(path):
-                raise ConfigError(f"config file {path} does not exist")
-            with open(path) as f:
-                values = json.load(f)
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = set(values) - set(known)
-        if unknown:
-            raise ConfigError(f"unknown R1Config field(s) in {path}: {sorted(unknown)}")
+        """Defaults <- JSON/TOML file (stage dicts are merged into the defaults) <- overrides (None ignored)."""
+        values = read_config_file(cls, path) if path is not None else {}
         defaults = cls()
         for key, value in values.items():
             if isinstance(getattr(defaults, key), dict) and isinstance(value, dict):
@@ -176,8 +167,7 @@ class R1Pipeline:
         unknown = [s for s in wanted if s not in STAGES]
         if unknown:
             raise ValueError(f"unknown stage(s) {unknown}; stages: {list(STAGES)}")
-        with open(os.path.join(self.out, "r1_config.json"), "w") as f:
-            json.dump(dataclasses.asdict(self.cfg), f, indent=1)
+        _write_json(os.path.join(self.out, "r1_config.json"), dataclasses.asdict(self.cfg))
         for stage in STAGES:
             if stage not in wanted:
                 continue

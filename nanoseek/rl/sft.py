@@ -17,7 +17,6 @@ The routers' balancing biases stay frozen: fine-tuning data is too small and ske
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import shutil
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..checkpoint import from_pretrained, save_pretrained
-from ..config import ConfigError
+from ..config import ConfigError, load_config
 from ..data.dataset import IGNORE_INDEX
 from ..data.tokenizer import TOKENIZER_FILE, Tokenizer
 from ..train.metrics import MetricsLog, write_plots
@@ -136,23 +135,7 @@ class SFTConfig:
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, **overrides):
         """Defaults <- JSON/TOML file <- overrides (None values are ignored), like TrainConfig.load."""
-        values = {}
-        if path is not None:
-            path = os.fspath(path)
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"config file {path} does not exist")
-            if path.endswith(".toml"):
-                import tomllib
-                with open(path, "rb") as f:
-                    values = tomllib.load(f)
-            else:
-                with open(path) as f:
-                    values = json.load(f)
-        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ConfigError(f"unknown {cls.__name__} field(s) in {path}: {sorted(unknown)}")
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
+        return load_config(cls, path, overrides)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

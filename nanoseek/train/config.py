@@ -7,11 +7,10 @@ construction with errors that name the field.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field
 
-from ..config import ConfigError
+from ..config import ConfigError, load_config
 
 _BALANCE = ("aux_free", "aux_loss", "none")
 
@@ -120,24 +119,7 @@ class TrainConfig:
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, **overrides) -> "TrainConfig":
         """Defaults <- JSON/TOML file <- overrides (None values are ignored)."""
-        values = {}
-        if path is not None:
-            path = os.fspath(path)
-            if not os.path.isfile(path):
-                raise ConfigError(f"config file {path} does not exist")
-            if path.endswith(".toml"):
-                import tomllib
-                with open(path, "rb") as f:
-                    values = tomllib.load(f)
-            else:
-                with open(path) as f:
-                    values = json.load(f)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ConfigError(f"unknown TrainConfig field(s) in {path}: {sorted(unknown)}")
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
+        return load_config(cls, path, overrides)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
