@@ -43,6 +43,7 @@ from ..infer import LLM, prompt_opens_think
 from ..train.metrics import MetricsLog, read_jsonl
 from ..train.schedule import lr_at
 from ..train.state import list_checkpoints, load_trainer_state, save_checkpoint
+from ..train.trainer import optimizer_step
 from .data import TEMPLATES, load_problems, prompt_ids, prompt_text, task_examples, task_of
 from .grpo_loss import LOSS_TYPES, group_advantages, grpo_loss, reflection_share, zero_variance_mask
 from .rewards import REWARDS, RewardFunction, accuracy_reward, combine, get_reward
@@ -373,10 +374,7 @@ class GRPOTrainer:
                     sums[k] = sums.get(k, 0.0) + w * v.item()
                 if ent is not None:
                     sums["entropy"] = sums.get("entropy", 0.0) + float((ent * b["mask"]).sum()) / n_tokens
-            clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            grad_norm = optimizer_step(model, self.optimizer, cfg.grad_clip)
             sync_engine(self.llm)
             losses.append(total)
         out = {"loss": sum(losses) / len(losses), "grad_norm": grad_norm,

@@ -35,7 +35,7 @@ from ..data.tokenizer import TOKENIZER_FILE, Tokenizer
 from ..train.metrics import MetricsLog, write_plots
 from ..train.schedule import lr_at
 from ..train.state import list_checkpoints, load_trainer_state, save_checkpoint
-from ..train.trainer import TrainingAborted
+from ..train.trainer import optimizer_step, skip_step
 from .data import TEMPLATES, load_sft_rows
 from .sft_data import SFTBatches, SFTExample, build_examples, collate_examples
 
@@ -277,19 +277,9 @@ class SFTTrainer:
             for k, v in parts.items():
                 totals[k] = totals.get(k, 0.0) + v.item()
         if not finite:
-            self.optimizer.zero_grad(set_to_none=True)
-            self.bad_steps += 1
-            tqdm.write(f"warning: step {self.step}: non-finite loss, step skipped "
-                       f"({self.bad_steps}/{cfg.max_bad_steps} in a row)")
-            if self.bad_steps >= cfg.max_bad_steps:
-                raise TrainingAborted(f"{self.bad_steps} consecutive non-finite losses at step {self.step}")
-            self.step += 1
-            return {"step": self.step, "skipped": True, "lr": lr}
+            return skip_step(self, lr)
         self.bad_steps = 0
-        clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(model, self.optimizer, cfg.grad_clip)
         seen = sum(int((ids != self.tokenizer.pad_id).sum()) for ids, _ in micro)  # real tokens, padding excluded
         self.tokens_seen += seen
         self.step += 1

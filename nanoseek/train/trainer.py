@@ -68,6 +68,28 @@ def measure_peak_gflops(seconds: float = 0.5, device: torch.device | str = "cpu"
     return 2 * 1024 ** 3 * n / (time.perf_counter() - t0) / 1e9
 
 
+def skip_step(trainer, lr: float) -> dict:
+    """A step whose loss was not finite: drop its gradients, count it, and raise TrainingAborted after
+    cfg.max_bad_steps in a row. `trainer` has cfg, optimizer, step and bad_steps (Trainer, SFTTrainer)."""
+    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.bad_steps += 1
+    tqdm.write(f"warning: step {trainer.step}: non-finite loss, step skipped "
+               f"({trainer.bad_steps}/{trainer.cfg.max_bad_steps} in a row)")
+    if trainer.bad_steps >= trainer.cfg.max_bad_steps:
+        raise TrainingAborted(f"{trainer.bad_steps} consecutive non-finite losses at step {trainer.step}")
+    trainer.step += 1
+    return {"step": trainer.step, "skipped": True, "lr": lr}
+
+
+def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float) -> float:
+    """Clip the global gradient norm to grad_clip (0: no clipping), step, zero the gradients; returns the
+    norm before clipping."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf).item()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, out_dir: str, resume: bool = False, progress: bool = True):
         self.cfg, self.out_dir, self.progress = cfg, out_dir, progress
@@ -143,19 +165,9 @@ class Trainer:
             totals["lm_loss"] += lm.item() / cfg.grad_accum
             totals["balance_loss"] += balance.item() / cfg.grad_accum
         if not finite:
-            self.optimizer.zero_grad(set_to_none=True)
-            self.bad_steps += 1
-            tqdm.write(f"warning: step {self.step}: non-finite loss, step skipped "
-                       f"({self.bad_steps}/{cfg.max_bad_steps} in a row)")
-            if self.bad_steps >= cfg.max_bad_steps:
-                raise TrainingAborted(f"{self.bad_steps} consecutive non-finite losses at step {self.step}")
-            self.step += 1
-            return {"step": self.step, "skipped": True, "lr": lr}
+            return skip_step(self, lr)
         self.bad_steps = 0
-        clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(model, self.optimizer, cfg.grad_clip)
         if cfg.balance == "aux_free":
             gamma = piecewise(self.step, cfg.max_steps, cfg.bias_gamma, cfg.bias_gamma_late, cfg.gamma_switch_frac)
             self.tracker.update_bias(gamma)
