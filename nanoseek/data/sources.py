@@ -16,7 +16,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Any, Iterator, Sequence, Union
 
 PathLike = Union[str, os.PathLike]
 TEXT_SUFFIXES, JSONL_SUFFIXES, PARQUET_SUFFIXES = (".txt", ".md"), (".jsonl",), (".parquet",)
@@ -64,19 +64,25 @@ def _files(paths: Sequence[PathLike]) -> list[Path]:
     return out
 
 
-def _read_jsonl(file: Path, field: str) -> list[str]:
-    docs = []
+def iter_jsonl(file: PathLike) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) for every non-blank line of a .jsonl file; ValueError names the
+    file and line of invalid JSON."""
     with open(file, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                yield n, json.loads(line)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{file}:{n}: not valid JSON ({err.msg})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
-                raise ValueError(f"{file}:{n}: expected an object with a string field {field!r}")
-            docs.append(obj[field])
+
+
+def _read_jsonl(file: Path, field: str) -> list[str]:
+    docs = []
+    for n, obj in iter_jsonl(file):
+        if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
+            raise ValueError(f"{file}:{n}: expected an object with a string field {field!r}")
+        docs.append(obj[field])
     return docs
 
 

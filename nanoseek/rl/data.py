@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence, Union
 
 from ..data.r1_format import r1_messages, r1_prompt
+from ..data.sources import iter_jsonl
 from ..data.tasks import TASKS, Example, generate
 
 TEMPLATES = ("chat", "r1_zero")
@@ -87,17 +88,10 @@ def read_rows(path: str | os.PathLike) -> list[dict]:
     if file.suffix != ".jsonl":
         raise ValueError(f"{file}: expected a .jsonl or .parquet file")
     rows = []
-    with open(file, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{file}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{file}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
+    for lineno, row in iter_jsonl(file):
+        if not isinstance(row, dict):
+            raise ValueError(f"{file}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
     return rows
 
 
