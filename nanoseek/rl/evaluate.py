@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 
 from ..checkpoint import from_pretrained
-from ..infer import LLM, SamplingParams
+from ..infer import LLM, RequestOutput, SamplingParams
 from .data import Problem, prompt_ids, question_of, task_of
 from .rewards import final_answer, format_reward, is_correct
 
@@ -57,13 +57,26 @@ class EvalConfig:
             raise ValueError(f"EvalConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
 
-def make_llm(model, tokenizer, max_num_seqs: int, seed: int) -> LLM:
-    """An LLM for a Transformer or a checkpoint folder (loaded on the GPU when there is one); an LLM as is."""
-    if isinstance(model, LLM):
-        return model
-    if not isinstance(model, torch.nn.Module):
-        model = from_pretrained(model, device="cuda" if torch.cuda.is_available() else "cpu")
-    return LLM(model, tokenizer=tokenizer, max_num_seqs=max_num_seqs, seed=seed)
+def sample_problems(model, tokenizer, problems: Sequence[Problem], cfg) -> list[RequestOutput]:
+    """cfg.k samples per problem: one request with n = k and seed cfg.seed + its index, so a problem's
+    samples do not depend on the others. Used by evaluation and rejection sampling.
+
+    model: an LLM (used as is), a Transformer, or a checkpoint folder (loaded on the GPU when there is
+    one). cfg: an EvalConfig or SampleConfig (k, temperature, top_p, max_new_tokens, template, seed,
+    max_num_seqs). The model samples in eval mode; its train/eval mode is restored afterwards.
+    """
+    llm = model
+    if not isinstance(llm, LLM):
+        if not isinstance(model, torch.nn.Module):
+            model = from_pretrained(model, device="cuda" if torch.cuda.is_available() else "cpu")
+        llm = LLM(model, tokenizer=tokenizer, max_num_seqs=cfg.max_num_seqs, seed=cfg.seed)
+    was_training = llm.model.training
+    llm.model.eval()
+    params = [SamplingParams(n=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens,
+                             seed=cfg.seed + i) for i in range(len(problems))]
+    outs = llm.generate([{"prompt_token_ids": prompt_ids(p, tokenizer, cfg.template)} for p in problems], params)
+    llm.model.train(was_training)
+    return outs
 
 
 def majority_answer(answers: Sequence[str | None]) -> str | None:
@@ -89,13 +102,7 @@ def evaluate(model, tokenizer, problems: Sequence[Problem], cfg: EvalConfig | No
     "samples": {task: [{"question", "completion", "correct"}, ...]}}. Rates are fractions in [0, 1].
     """
     cfg = cfg or EvalConfig()
-    llm = make_llm(model, tokenizer, cfg.max_num_seqs, cfg.seed)
-    was_training = llm.model.training
-    llm.model.eval()
-    params = [SamplingParams(n=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens,
-                             seed=cfg.seed + i) for i in range(len(problems))]
-    outs = llm.generate([{"prompt_token_ids": prompt_ids(p, tokenizer, cfg.template)} for p in problems], params)
-    llm.model.train(was_training)
+    outs = sample_problems(model, tokenizer, problems, cfg)
 
     per_task: dict[str, dict[str, list]] = collections.defaultdict(lambda: collections.defaultdict(list))
     samples: dict[str, list] = collections.defaultdict(list)

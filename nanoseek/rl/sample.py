@@ -19,9 +19,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from ..data.r1_format import format_ok
-from ..infer import SamplingParams
-from .data import Problem, prompt_ids, question_of, task_of
-from .evaluate import make_llm
+from .data import Problem, question_of, task_of
+from .evaluate import sample_problems
 from .rewards import final_answer, is_correct, repetition_penalty_reward
 
 
@@ -70,11 +69,7 @@ def rejection_sample(model, tokenizer, problems: Sequence[Problem],
     order of REJECT_REASONS), plus the kept rows per task.
     """
     cfg = cfg or SampleConfig()
-    llm = make_llm(model, tokenizer, cfg.max_num_seqs, cfg.seed)
-    llm.model.eval()
-    params = [SamplingParams(n=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens,
-                             seed=cfg.seed + i) for i in range(len(problems))]
-    outs = llm.generate([{"prompt_token_ids": prompt_ids(p, tokenizer, cfg.template)} for p in problems], params)
+    outs = sample_problems(model, tokenizer, problems, cfg)
 
     stats = collections.Counter(dict.fromkeys(REJECT_REASONS, 0))
     kept_per_task: collections.Counter = collections.Counter()
