@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -48,6 +47,7 @@ from .data import TEMPLATES, load_problems, prompt_ids, prompt_text, task_exampl
 from .grpo_loss import LOSS_TYPES, group_advantages, grpo_loss, reflection_share, zero_variance_mask
 from .rewards import REWARDS, RewardFunction, accuracy_reward, combine, get_reward
 from .rollout import Rollout, completion_logprobs, pad_batch, sample_groups, sync_engine
+from .sft import save_model_dir
 
 SCALE_REWARDS = ("group", "batch", "none")
 RECHECK_WORDS = ("wait", "check")  # the issue's narrow "re-check" signal; reflection_share uses R1's ten words
@@ -390,14 +390,7 @@ class GRPOTrainer:
 
     def save_model(self) -> str:
         """The policy + tokenizer to out/model, written beside it and renamed (never half-written)."""
-        final = os.path.join(self.out, "model")
-        tmp = final + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.model.save_pretrained(tmp)
-        self.tokenizer.save(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        return final
+        return save_model_dir(self.model, self.tokenizer, os.path.join(self.out, "model"))
 
     def fit(self) -> dict:
         """Train until cfg.steps; returns the last metrics row."""

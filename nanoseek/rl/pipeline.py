@@ -37,6 +37,7 @@ from ..data.r1_format import r1_document
 from ..data.tokenizer import Tokenizer
 from .data import cold_start_rows, read_rows, task_examples, write_rows
 from .evaluate import EvalConfig, evaluate
+from .report import write_json, write_report
 
 STAGES = ("pretrain", "cold_start", "grpo", "sample", "rs_sft", "rl2", "student_pretrain", "distill",
           "student_grpo")
@@ -161,13 +162,11 @@ class R1Pipeline:
         return record["model"]
 
     def run(self, stages: list[str] | None = None) -> dict:
-        from .report import write_report
-
         wanted = list(stages or STAGES)
         unknown = [s for s in wanted if s not in STAGES]
         if unknown:
             raise ValueError(f"unknown stage(s) {unknown}; stages: {list(STAGES)}")
-        _write_json(os.path.join(self.out, "r1_config.json"), dataclasses.asdict(self.cfg))
+        write_json(os.path.join(self.out, "r1_config.json"), dataclasses.asdict(self.cfg))
         for stage in STAGES:
             if stage not in wanted:
                 continue
@@ -181,7 +180,7 @@ class R1Pipeline:
             result = self._evaluate(model_dir, template) if model_dir else None
             record = {"name": stage, "model": model_dir, "template": template, "seconds": time.perf_counter() - t0,
                       "train_seconds": train_s, **(result or {}), **extra}
-            _write_json(os.path.join(self._dir(stage), "stage.json"), record)
+            write_json(os.path.join(self._dir(stage), "stage.json"), record)
             if result:
                 self.log(f"[r1] {stage}: " + ", ".join(f"{t} pass@1 {m['pass@1']:.3f} maj@{result['k']} {m['maj@k']:.3f}"
                                                        for t, m in result["tasks"].items())
@@ -295,10 +294,3 @@ class R1Pipeline:
     def _stage_student_grpo(self):
         return self._grpo("student_grpo", self.model_of("student_pretrain"), self.cfg.student_grpo)
 
-
-def _write_json(path: str, obj) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)

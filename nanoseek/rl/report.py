@@ -21,7 +21,7 @@ def write_report(out: str, records: list[dict]) -> dict:
     k = next((r["k"] for r in records if "k" in r), None)
     report = {"stages": [{key: value for key, value in r.items() if key != "samples"} for r in records],
               "k": k, "total_seconds": sum(r.get("seconds", 0.0) for r in records)}
-    _atomic_write(os.path.join(out, "report.json"), json.dumps(report, indent=1))
+    write_json(os.path.join(out, "report.json"), report)
     curves = _plot_rl_curves(out)
     _atomic_write(os.path.join(out, "report.md"), _markdown(records, report, curves))
     return report
@@ -100,6 +100,12 @@ def _moving_average(values: list[float], window: int) -> list[float]:
     """Trailing mean over the last `window` values (fewer at the start)."""
     return [sum(values[max(0, i + 1 - window):i + 1]) / len(values[max(0, i + 1 - window):i + 1])
             for i in range(len(values))]
+
+
+def write_json(path: str, obj) -> None:
+    """`obj` as indented JSON at `path` (its folder created), written atomically."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    _atomic_write(path, json.dumps(obj, indent=1))
 
 
 def _atomic_write(path: str, text: str) -> None:
