@@ -232,7 +232,7 @@ class R1Pipeline:
         trainer = SFTTrainer(SFTConfig(**values), init, self._dir(stage), resume=self._started(stage), progress=self.progress)
         last = trainer.fit()
         return os.path.join(self._dir(stage), "model"), "chat", {"final_loss": last.get("loss"),
-                                                                 "examples": sum(len(read_rows(d)) for d in data)}
+                                                                 "examples": len(trainer.examples)}
 
     def _cold_start_data(self) -> str:
         path = os.path.join(self.out, "cold_start.jsonl")
