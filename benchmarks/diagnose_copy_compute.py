@@ -6,7 +6,7 @@ log-likelihood of
   question: a model that reads its question gets them nearly free (uniform guessing: ln 10 = 2.3);
 - result digits: the digits of every intermediate result "... = <number>" in the worked solution,
   which the model has to compute.
-docs/r1_report.md uses it to explain why the R1 stages cannot improve a base model that guesses results.
+docs/r1_report.md uses it to follow what pretraining teaches (and what a tokenizer change did).
 
     python benchmarks/diagnose_copy_compute.py runs/r1/pretrain/checkpoints/step-001400 [more checkpoints]
 """
@@ -26,14 +26,19 @@ from nanoseek.rl.data import task_examples
 
 
 def digit_nll(model, tok, doc: str, spans: list[tuple[int, int]]) -> list[float]:
-    """Mean NLL of the tokens of each character span of `doc` (the document is fed after BOS)."""
-    ids = torch.tensor([[tok.bos_id, *tok.encode(doc)]])
+    """Mean NLL of the tokens that overlap each character span of `doc` (the document is fed after BOS).
+
+    Tokens are found by their character offsets, so a token that also holds the space before a
+    number (" 1" of " 13") counts as the number's first digit whatever the tokenizer.
+    """
+    enc = tok.backend.encode(doc, add_special_tokens=False)
+    ids = torch.tensor([[tok.bos_id, *enc.ids]])
     with torch.no_grad():
         logp = F.log_softmax(model(ids)[0, :-1].float(), -1).gather(-1, ids[0, 1:, None]).squeeze(-1)
     out = []
-    for start, end in spans:
-        first, n = len(tok.encode(doc[:start])) + 1, len(tok.encode(doc[start:end]))
-        out.append(-logp[first - 1:first - 1 + n].mean().item())  # logp[i] scores token i + 1
+    for start, end in spans:  # logp[i] scores document token i (input position i holds its predecessor)
+        hit = [i for i, (a, b) in enumerate(enc.offsets) if a < end and b > start]
+        out.append(-logp[hit].mean().item())
     return out
 
 

@@ -13,6 +13,7 @@ from nanoseek.data import (IGNORE_INDEX, TASKS, BatchIterator, Example, PackedDa
                            extract_answer, format_ok, generate, load_documents, natural_paragraphs, r1_completion,
                            r1_document, r1_messages, r1_prompt, split_documents, tokenize_documents,
                            train_tokenizer)
+from nanoseek.data.corpus import drill_documents, solution_steps
 from nanoseek.data.tasks import expr, get_task
 
 ALL_LEVELS = [(name, level) for name, spec in sorted(TASKS.items()) for level in spec.levels]
@@ -199,6 +200,10 @@ def test_special_tokens_are_single_fixed_ids(tok):
     assert 256 + len(names) < tok.vocab_size <= 640
     assert all(len(tok.encode(d)) == 1 for d in "0123456789")
     assert tok.encode("12345") == [tok.encode(d)[0] for d in "12345"]  # digits split one per token
+    # a number's first digit carries the space before it, so numbers after "+" and after "=" start with
+    # the same token whatever precedes them, and no digit token is preceded by a bare space
+    pieces = [tok.decode([i]) for i in tok.encode("4 * 13 = 52")]
+    assert pieces == ["4", " *", " 1", "3", " =", " 5", "2"]
 
 
 def test_prompt_completion_border_is_token_aligned(tok):
@@ -278,6 +283,25 @@ def test_default_corpus(corpus):
         assert any(f"User: {q.question} " in d for d in corpus for q in generate(name, "train", 3))
     test_docs = default_corpus(60, seed=0, split="test")
     assert not set(test_docs) & set(default_corpus(600, seed=0)) and not set(test_docs) & set(paragraphs)
+
+
+def test_drill_documents_hold_the_solutions_single_steps():
+    examples = [ex for name in TASKS for ex in generate(name, "train", 30, difficulty=1)]
+    steps = solution_steps(examples)
+    # every step is one correct operation that occurs in some worked solution
+    assert len(steps) > 60
+    for step in steps:
+        a, op, b, _, c = step.split()
+        assert expr.apply(op, int(a), int(b)) == int(c)
+        assert any(step in ex.solution for ex in examples)
+    # a multi-operation line is not cut into a wrong fact ("7 * 1 + 16 = 23" is not "1 + 16 = 23")
+    check_line = Example("linear", "q", "1", "Check: 7 * 1 + 16 = 23, which is the right side.", 1)
+    assert solution_steps([check_line]) == []
+    docs = drill_documents(examples, 5, steps_per_doc=12, seed=3)
+    assert docs == drill_documents(examples, 5, steps_per_doc=12, seed=3) != drill_documents(examples, 5, 12, seed=4)
+    assert len(docs) == 5 and all(len(d.split("\n")) == 12 and set(d.split("\n")) <= set(steps) for d in docs)
+    with pytest.raises(ValueError, match="no single-operation steps"):
+        drill_documents([check_line], 1)
 
 
 # -------------------------------------------------------------------------------------- sources

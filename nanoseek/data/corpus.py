@@ -10,13 +10,18 @@ can evaluate on held-out problems; natural text appears only in the "train" corp
 from __future__ import annotations
 
 import random
+import re
 from importlib import resources
 from typing import Sequence
 
 from .r1_format import r1_document
-from .tasks import SPLITS, TASKS, generate
+from .tasks import SPLITS, TASKS, Example, generate
+from .tasks.expr import apply
 
 NATURAL_TEXT_FILE = "natural.txt"
+# one operation of a worked solution, "7 * 5 = 35": at a line start or after ": ", "= ", ", ", and not
+# followed by another operator (that would make it part of a longer expression)
+_STEP_RE = re.compile(r"(?:^|(?<=: )|(?<== )|(?<=, ))(-?\d+) ([-+*/]) (-?\d+) = (-?\d+)(?![\d ]*[-+*/])", re.M)
 
 
 def natural_paragraphs() -> list[str]:
@@ -51,3 +56,34 @@ def default_corpus(n_docs: int, seed: int = 0, split: str = "train", tasks: Sequ
         docs += [r1_document(ex) for ex in generate(name, split, share, seed=seed)]
     random.Random(f"corpus/{split}/{seed}").shuffle(docs)
     return docs
+
+
+def solution_steps(examples: Sequence[Example]) -> list[str]:
+    """Every single operation "a op b = c" the worked solutions of `examples` compute, in order.
+
+    Only steps whose arithmetic is right are kept (a guard against a pattern matching across two
+    steps); the same fact appears as often as the solutions use it.
+    """
+    steps = []
+    for ex in examples:
+        for m in _STEP_RE.finditer(ex.solution):
+            a, op, b, c = m.groups()
+            if int(b) != 0 or op != "/":
+                if apply(op, int(a), int(b)) == int(c):
+                    steps.append(m.group(0))
+    return steps
+
+
+def drill_documents(examples: Sequence[Example], n_docs: int, steps_per_doc: int = 40, seed: int = 0) -> list[str]:
+    """`n_docs` drill sheets: random single operations of the examples' worked solutions, one per line.
+
+    A tiny model pretrained on worked solutions alone learns to copy a question's numbers long before
+    it learns the results of the operations (docs/r1_report.md: 1.96 nats per result digit after 2.9M
+    tokens); a drill sheet carries about ten times more results per token than a solution does, in the
+    exact form the solutions use, so a few hundred thousand tokens teach the facts the tasks need.
+    """
+    steps = solution_steps(examples)
+    if not steps:
+        raise ValueError("the examples' worked solutions contain no single-operation steps to drill")
+    rng = random.Random(f"drills/{seed}")
+    return ["\n".join(rng.choices(steps, k=steps_per_doc)) for _ in range(n_docs)]

@@ -1,7 +1,8 @@
 """`nanoseek r1`: the whole DeepSeek-R1 recipe at miniature scale, stage by stage, with a report.
 
 Stages (R1 v2 §3 / Fig. 2; grpo_anchors.md §2.4-2.5), each in its own folder of the run:
-  pretrain          tokenizer + MoE/MLA/MTP base model on R1-format task documents (train split)
+  pretrain          tokenizer + MoE/MLA/MTP base model on R1-format task documents (train split) and
+                    drill sheets of their single operations
   cold_start        SFT of the base on a small set of long worked solutions in the chat template
   grpo              reasoning-oriented GRPO from the cold-start model (accuracy + format rewards)
   sample            rejection sampling from the GRPO model: correct, well-formed, non-repetitive, dedup'd
@@ -33,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..config import ConfigError, read_config_file
+from ..data.corpus import drill_documents
 from ..data.r1_format import r1_document
 from ..data.tokenizer import Tokenizer
 from .data import cold_start_rows, read_rows, task_examples, write_rows
@@ -51,13 +53,15 @@ class R1Config:
 
     Attributes:
         tasks: built-in tasks used everywhere (pretraining corpus, SFT, RL, evaluation).
-        difficulty: task level for every stage (None mixes all levels). Level 1 holds only about 1,900
+        difficulty: task level for every stage (None mixes all levels). Level 1 holds only about 1,000
             linear and 2,400 countdown training problems, so a large `scale` needs None.
         seed: seeds every stage.
         scale: multiplies every stage's steps, data sizes and evaluation size (1 = the CPU default run,
             about 30 minutes on 2 cores; GPUs: e.g. --scale 10 with a bigger --preset).
         preset: model preset of the teacher (the student takes it with STUDENT_MODEL overrides).
         pretrain_docs: task documents per task in the pretraining corpus.
+        pretrain_drills: drill sheets in the pretraining corpus, each 40 single operations taken from the
+            corpus's worked solutions (nanoseek.data.corpus.drill_documents); 0 leaves them out.
         pretrain: TrainConfig overrides for the base model.
         student_pretrain: TrainConfig overrides for the student base (its `model` field makes it dense).
         cold_start_examples: worked solutions per task in the cold-start set ("thousands" in R1).
@@ -76,7 +80,8 @@ class R1Config:
     seed: int = 0
     scale: float = 1.0
     preset: str = "small"
-    pretrain_docs: int = 1500
+    pretrain_docs: int = 1000
+    pretrain_drills: int = 400
     # 512-token rows (not 256): a document (170-350 tokens) split across rows loses its question, and those
     # fragments teach the model to write numbers it cannot have read (docs/r1_report.md)
     pretrain: dict = field(default_factory=lambda: {"max_steps": 1400, "seq_len": 512, "batch_size": 4,
@@ -86,20 +91,20 @@ class R1Config:
                                                             "warmup_steps": 30, "balance": "none",
                                                             "mtp_lambda": 0.0, "mtp_lambda_late": 0.0,
                                                             "model": STUDENT_MODEL})
-    cold_start_examples: int = 200
-    cold_start: dict = field(default_factory=lambda: {"epochs": 2, "lr": 1e-3})
+    cold_start_examples: int = 600
+    cold_start: dict = field(default_factory=lambda: {"epochs": 3, "lr": 1e-3})
     grpo: dict = field(default_factory=lambda: {"steps": 40, "prompts_per_step": 8, "group_size": 8, "lr": 1e-4,
                                                 "max_new_tokens": 256, "save_every": 20})
     sample_problems: int = 150
     sample: dict = field(default_factory=lambda: {"k": 4, "max_new_tokens": 256, "temperature": 1.0})
-    rs_sft: dict = field(default_factory=lambda: {"epochs": 2, "lr": 1e-3})
+    rs_sft: dict = field(default_factory=lambda: {"epochs": 3, "lr": 1e-3})
     rl2: dict = field(default_factory=lambda: {"steps": 30, "prompts_per_step": 8, "group_size": 8, "lr": 1e-4,
                                                "max_new_tokens": 256, "temperature": 0.7, "save_every": 15})
-    distill: dict = field(default_factory=lambda: {"epochs": 2, "lr": 1e-3})
+    distill: dict = field(default_factory=lambda: {"epochs": 3, "lr": 1e-3})
     student_grpo: dict = field(default_factory=lambda: {"steps": 40, "prompts_per_step": 8, "group_size": 8,
                                                         "lr": 1e-4, "max_new_tokens": 256, "template": "r1_zero",
                                                         "save_every": 20})
-    eval_problems: int = 30
+    eval_problems: int = 50
     eval: dict = field(default_factory=lambda: {"k": 4, "max_new_tokens": 256})
     threads: int = 0
 
@@ -108,6 +113,8 @@ class R1Config:
             raise ConfigError("R1Config.tasks must name at least one task")
         if not self.scale > 0:
             raise ConfigError(f"R1Config.scale must be > 0, got {self.scale}")
+        if self.pretrain_drills < 0:
+            raise ConfigError(f"R1Config.pretrain_drills must be >= 0, got {self.pretrain_drills}")
         for name in ("pretrain_docs", "cold_start_examples", "sample_problems", "eval_problems"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"R1Config.{name} must be >= 1, got {getattr(self, name)}")
@@ -199,6 +206,8 @@ class R1Pipeline:
             examples = task_examples(self.cfg.tasks, "train", self.cfg.n(self.cfg.pretrain_docs), self.cfg.difficulty,
                                      seed=self.cfg.seed)
             docs = [r1_document(ex) for ex in examples]
+            docs += drill_documents(examples, self.cfg.n(self.cfg.pretrain_drills), seed=self.cfg.seed) \
+                if self.cfg.pretrain_drills else []
             random.Random(self.cfg.seed).shuffle(docs)
             write_rows(path, [{"text": d} for d in docs])
         return path

@@ -3,8 +3,8 @@
 The worked solution evaluates one operation at a time, innermost first and left to right, and
 rewrites the remaining expression after each step, so a model can learn the procedure rather than
 the result. Only + - * appear (no division), every intermediate value stays small enough for a tiny
-model, and the answer is the integer value. Levels: 1 = two operations on 1..20, 2 = three on 1..50,
-3 = four or five on 1..99.
+model, and the answer is the integer value. Levels: 1 = two operations on 1..9 with every value within
++-100 (single-digit facts), 2 = two on 1..20, 3 = three on 1..50, 4 = four or five on 1..99.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from .expr import BinOp, Expr, evaluate, reduce_once, render
 
 NAME = "arithmetic"
 # level -> (operation counts, largest literal, largest |intermediate value|)
-_LEVELS = {1: ((2,), 20, 500), 2: ((3,), 50, 5_000), 3: ((4, 5), 99, 50_000)}
+_LEVELS = {1: ((2,), 9, 100), 2: ((2,), 20, 500), 3: ((3,), 50, 5_000), 4: ((4, 5), 99, 50_000)}
 
 
 def _tree(rng: random.Random, n_ops: int, hi: int) -> Expr:

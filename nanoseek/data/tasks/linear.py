@@ -1,9 +1,9 @@
 """Task "linear": solve a linear equation in x with an integer solution, e.g. `3x + 5 = 20`.
 
 The worked solution is the school procedure: gather the x terms on the left, move the constant to
-the right, divide by the coefficient, then substitute back to check. Levels: 1 = `ax + b = c` with
-small positive numbers; 2 = the same with negative coefficients and solutions; 3 = x on both sides,
-`ax + b = dx + e`. The answer is the value of x; "x = 5" and "5.0" are accepted by the checker.
+the right, divide by the coefficient, then substitute back to check. Levels: 1 = `ax + b = c` with a
+single-digit coefficient and solution; 2 = the same with larger numbers; 3 = negative coefficients and
+solutions; 4 = x on both sides, `ax + b = dx + e`. The answer is the value of x; "x = 5" and "5.0" are accepted by the checker.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import random
 from .base import Example, TaskSpec, canonical_key, parse_integer
 
 NAME = "linear"
-_LEVELS = (1, 2, 3)
+_LEVELS = (1, 2, 3, 4)
 
 
 def side(a: int, b: int) -> str:
@@ -39,8 +39,10 @@ def _nonzero(rng: random.Random, lo: int, hi: int, avoid: tuple[int, ...] = (0,)
 
 def make(rng: random.Random, difficulty: int) -> Example:
     if difficulty == 1:
-        a, d, x, b = rng.randint(2, 9), 0, rng.randint(0, 12), rng.randint(1, 20)
+        a, d, x, b = rng.randint(2, 9), 0, rng.randint(0, 9), rng.randint(1, 15)
     elif difficulty == 2:
+        a, d, x, b = rng.randint(2, 9), 0, rng.randint(0, 12), rng.randint(1, 20)
+    elif difficulty == 3:
         a, d, x, b = _nonzero(rng, -12, 12, (0, 1, -1)), 0, rng.randint(-15, 15), _nonzero(rng, -30, 30)
     else:
         a = _nonzero(rng, -12, 12)
