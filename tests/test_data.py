@@ -200,8 +200,7 @@ def test_special_tokens_are_single_fixed_ids(tok):
     assert 256 + len(names) < tok.vocab_size <= 640
     assert all(len(tok.encode(d)) == 1 for d in "0123456789")
     assert tok.encode("12345") == [tok.encode(d)[0] for d in "12345"]  # digits split one per token
-    # a number's first digit carries the space before it, so numbers after "+" and after "=" start with
-    # the same token whatever precedes them, and no digit token is preceded by a bare space
+    # a number's first digit keeps the space before it: no digit token follows a bare space token
     pieces = [tok.decode([i]) for i in tok.encode("4 * 13 = 52")]
     assert pieces == ["4", " *", " 1", "3", " =", " 5", "2"]
 

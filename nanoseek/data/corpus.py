@@ -68,9 +68,8 @@ def solution_steps(examples: Sequence[Example]) -> list[str]:
     for ex in examples:
         for m in _STEP_RE.finditer(ex.solution):
             a, op, b, c = m.groups()
-            if int(b) != 0 or op != "/":
-                if apply(op, int(a), int(b)) == int(c):
-                    steps.append(m.group(0))
+            if not (op == "/" and int(b) == 0) and apply(op, int(a), int(b)) == int(c):
+                steps.append(m.group(0))
     return steps
 
 
@@ -78,9 +77,8 @@ def drill_documents(examples: Sequence[Example], n_docs: int, steps_per_doc: int
     """`n_docs` drill sheets: random single operations of the examples' worked solutions, one per line.
 
     A tiny model pretrained on worked solutions alone learns to copy a question's numbers long before
-    it learns the results of the operations (docs/r1_report.md: 1.96 nats per result digit after 2.9M
-    tokens); a drill sheet carries about ten times more results per token than a solution does, in the
-    exact form the solutions use, so a few hundred thousand tokens teach the facts the tasks need.
+    it learns the results of the operations (docs/r1_report.md); a drill sheet carries about ten times
+    more results per token than a solution does, in the exact form the solutions use.
     """
     steps = solution_steps(examples)
     if not steps:

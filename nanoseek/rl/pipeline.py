@@ -57,7 +57,7 @@ class R1Config:
             linear and 2,400 countdown training problems, so a large `scale` needs None.
         seed: seeds every stage.
         scale: multiplies every stage's steps, data sizes and evaluation size (1 = the CPU default run,
-            about 30 minutes on 2 cores; GPUs: e.g. --scale 10 with a bigger --preset).
+            about 20 minutes on 2 cores; GPUs: e.g. --scale 10 with a bigger --preset).
         preset: model preset of the teacher (the student takes it with STUDENT_MODEL overrides).
         pretrain_docs: task documents per task in the pretraining corpus.
         pretrain_drills: drill sheets in the pretraining corpus, each 40 single operations taken from the

@@ -3,7 +3,8 @@
 The worked solution is the school procedure: gather the x terms on the left, move the constant to
 the right, divide by the coefficient, then substitute back to check. Levels: 1 = `ax + b = c` with a
 single-digit coefficient and solution; 2 = the same with larger numbers; 3 = negative coefficients and
-solutions; 4 = x on both sides, `ax + b = dx + e`. The answer is the value of x; "x = 5" and "5.0" are accepted by the checker.
+solutions; 4 = x on both sides, `ax + b = dx + e`. The answer is the value of x; "x = 5" and "5.0" are
+accepted by the checker.
 """
 
 from __future__ import annotations
