@@ -6,13 +6,11 @@ in any of them are one-line ConfigError/ValueError messages that `nanoseek.cli.m
 
 from __future__ import annotations
 
-import argparse
 
 
 def add_parsers(sub) -> None:
     """Register the `grpo` sub-command on an argparse sub-parsers object."""
-    p = sub.add_parser("grpo", help="GRPO reinforcement learning on verifiable problems (R1 recipe)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser("grpo", help="GRPO reinforcement learning on verifiable problems (R1 recipe)")
     p.add_argument("--init", required=True, help="HF-format model folder with tokenizer.json (e.g. nanoseek sft output)")
     p.add_argument("--out", required=True, help="output folder: metrics.jsonl, checkpoints/, model/, plots")
     p.add_argument("--config", default=None, help="JSON/TOML file of GRPOConfig fields (flags override it)")
