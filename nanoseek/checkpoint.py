@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from .config import ModelConfig
+from .files import atomic
 from .fp8 import block_dequantize, block_quantize
 from .model.transformer import Transformer
 
@@ -284,7 +285,7 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, max_shard_bytes
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     for file, shard in zip(names, shards):
-        _atomic(os.path.join(path, file), lambda tmp, s=shard: save_file(s, tmp, metadata={"format": "pt"}))
+        atomic(os.path.join(path, file), lambda tmp, s=shard: save_file(s, tmp, metadata={"format": "pt"}))
     hf_cfg = model.cfg.to_hf()
     hf_cfg["torch_dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
     if fp8:
@@ -293,8 +294,8 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, max_shard_bytes
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
                  "weight_map": {n: f for f, s in zip(names, shards) for n in s}}
-        _atomic(os.path.join(path, "model.safetensors.index.json"), lambda tmp: _write_json(tmp, index))
-    _atomic(os.path.join(path, "config.json"), lambda tmp: _write_json(tmp, hf_cfg))
+        atomic(os.path.join(path, "model.safetensors.index.json"), lambda tmp: _write_json(tmp, index))
+    atomic(os.path.join(path, "config.json"), lambda tmp: _write_json(tmp, hf_cfg))
     for f in stale:
         if f not in names and not (f == "model.safetensors.index.json" and len(shards) > 1):
             os.remove(os.path.join(path, f))
@@ -304,8 +305,3 @@ def _write_json(file: str, obj) -> None:
     with open(file, "w") as f:
         json.dump(obj, f, indent=2)
 
-
-def _atomic(final: str, write) -> None:
-    tmp = final + ".tmp"
-    write(tmp)
-    os.replace(tmp, final)

@@ -34,6 +34,7 @@ import jinja2.sandbox
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as _Backend
 
+from ..files import atomic_write_text
 from .r1_format import ANSWER, END_ANSWER, END_THINK, THINK
 
 BOS, EOS, PAD, USER, ASSISTANT = ("<|begin_of_sentence|>", "<|end_of_sentence|>", "<|pad|>", "<|User|>",
@@ -135,8 +136,8 @@ class Tokenizer:
             "model_max_length": self.model_max_length,
             "chat_template": self.chat_template,
         }
-        _atomic_write(os.path.join(directory, TOKENIZER_FILE), self.backend.to_str(pretty=True))
-        _atomic_write(os.path.join(directory, CONFIG_FILE), json.dumps(config, indent=2, ensure_ascii=False))
+        atomic_write_text(os.path.join(directory, TOKENIZER_FILE), self.backend.to_str(pretty=True))
+        atomic_write_text(os.path.join(directory, CONFIG_FILE), json.dumps(config, indent=2, ensure_ascii=False))
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "Tokenizer":
@@ -206,9 +207,3 @@ def _without_added_tokens(texts: Iterable[str]) -> Iterator[str]:
 def _raise(message: str):
     raise jinja2.exceptions.TemplateError(message)
 
-
-def _atomic_write(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)

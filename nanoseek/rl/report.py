@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 
+from ..files import atomic_write_text
 from ..train.metrics import read_jsonl
 
 RL_STAGES = ("grpo", "rl2", "student_grpo")
@@ -23,7 +24,7 @@ def write_report(out: str, records: list[dict]) -> dict:
               "k": k, "total_seconds": sum(r.get("seconds", 0.0) for r in records)}
     write_json(os.path.join(out, "report.json"), report)
     curves = _plot_rl_curves(out)
-    _atomic_write(os.path.join(out, "report.md"), _markdown(records, report, curves))
+    atomic_write_text(os.path.join(out, "report.md"), _markdown(records, report, curves))
     return report
 
 
@@ -105,11 +106,5 @@ def _moving_average(values: list[float], window: int) -> list[float]:
 def write_json(path: str, obj) -> None:
     """`obj` as indented JSON at `path` (its folder created), written atomically."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    _atomic_write(path, json.dumps(obj, indent=1))
+    atomic_write_text(path, json.dumps(obj, indent=1))
 
-
-def _atomic_write(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
