@@ -30,7 +30,8 @@ from ..config import PRESETS, ConfigError, ModelConfig
 from ..data.dataset import IGNORE_INDEX
 from ..data.tokenizer import Tokenizer
 from ..model import build_model
-from .sft import SFTConfig, SFTTrainer, load_init, save_model_dir
+from ..train.state import save_model_dir
+from .sft import SFTConfig, SFTTrainer, load_init
 
 DEFAULT_STUDENT = {"n_routed_experts": 0, "num_nextn_predict_layers": 0, "hidden_size": 192, "intermediate_size": 512}
 

@@ -41,13 +41,12 @@ from ..data.tokenizer import Tokenizer
 from ..infer import LLM, prompt_opens_think
 from ..train.metrics import MetricsLog, read_jsonl
 from ..train.schedule import lr_at
-from ..train.state import list_checkpoints, load_trainer_state, save_checkpoint
+from ..train.state import list_checkpoints, load_trainer_state, save_checkpoint, save_model_dir
 from ..train.trainer import optimizer_step
 from .data import TEMPLATES, load_problems, prompt_ids, prompt_text, task_examples, task_of
 from .grpo_loss import LOSS_TYPES, group_advantages, grpo_loss, reflection_share, zero_variance_mask
 from .rewards import REWARDS, RewardFunction, accuracy_reward, combine, get_reward
 from .rollout import Rollout, completion_logprobs, pad_batch, sample_groups, sync_engine
-from .sft import save_model_dir
 
 SCALE_REWARDS = ("group", "batch", "none")
 RECHECK_WORDS = ("wait", "check")  # the issue's narrow "re-check" signal; reflection_share uses R1's ten words

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -28,13 +27,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..checkpoint import from_pretrained, save_pretrained
+from ..checkpoint import from_pretrained
 from ..config import ConfigError, load_config
 from ..data.dataset import IGNORE_INDEX
 from ..data.tokenizer import TOKENIZER_FILE, Tokenizer
 from ..train.metrics import MetricsLog, write_plots
 from ..train.schedule import lr_at
-from ..train.state import list_checkpoints, load_trainer_state, save_checkpoint
+from ..train.state import list_checkpoints, load_trainer_state, save_checkpoint, save_model_dir
 from ..train.trainer import optimizer_step, skip_step
 from .data import TEMPLATES, load_sft_rows
 from .sft_data import SFTBatches, SFTExample, build_examples, collate_examples
@@ -164,17 +163,6 @@ def load_init(path: str) -> tuple[torch.nn.Module, Tokenizer]:
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"{path} has no config.json: not an HF-format checkpoint folder")
     return from_pretrained(path, dtype=torch.float32), Tokenizer.load(path)
-
-
-def save_model_dir(model, tokenizer: Tokenizer, path: str) -> str:
-    """Write model + tokenizer to `path` atomically (a temp folder renamed over it)."""
-    tmp = path + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_pretrained(model, tmp)
-    tokenizer.save(tmp)
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
-    return path
 
 
 # ---- the trainer ----------------------------------------------------------------------------------

@@ -60,6 +60,17 @@ def save_checkpoint(root: str, step: int, model, optimizer, trainer_state: dict,
     return final
 
 
+def save_model_dir(model, tokenizer, path: str) -> str:
+    """Write an HF-format model folder with its tokenizer to `path` (a temp folder renamed over it)."""
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_pretrained(model, tmp)
+    tokenizer.save(tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+    return path
+
+
 def list_checkpoints(root: str) -> list[str]:
     """Complete checkpoints, oldest first (an interrupted `.tmp` folder never counts)."""
     if not os.path.isdir(root):
