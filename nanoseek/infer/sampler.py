@@ -163,15 +163,14 @@ def logprobs_of(logits_BV: torch.Tensor, tokens_B: torch.Tensor, n_top: Seq[int 
         return logits_BV.gather(1, tokens_B[:, None]).squeeze(1) - logits_BV.logsumexp(dim=-1), dicts
     lp_BV = logits_BV.log_softmax(dim=-1)
     chosen_B = lp_BV.gather(1, tokens_B[:, None]).squeeze(1)
-    if wanted:
-        rank_B = (lp_BV > chosen_B[:, None]).sum(-1) + 1
-        k = min(max(n_top[b] for b in wanted), lp_BV.shape[-1])
-        top_v, top_i = lp_BV.topk(k, dim=-1) if k > 0 else (lp_BV[:, :0], tokens_B[:, None][:, :0])
-        for b in wanted:
-            tok = int(tokens_B[b])
-            d = {tok: Logprob(float(chosen_B[b]), int(rank_B[b]), decode(tok) if decode else None)}
-            for r, (i, v) in enumerate(zip(top_i[b, :n_top[b]].tolist(), top_v[b, :n_top[b]].tolist()), start=1):
-                if i not in d:
-                    d[i] = Logprob(v, r, decode(i) if decode else None)
-            dicts[b] = d
+    rank_B = (lp_BV > chosen_B[:, None]).sum(-1) + 1
+    k = min(max(n_top[b] for b in wanted), lp_BV.shape[-1])
+    top_v, top_i = lp_BV.topk(k, dim=-1) if k > 0 else (lp_BV[:, :0], tokens_B[:, None][:, :0])
+    for b in wanted:
+        tok = int(tokens_B[b])
+        d = {tok: Logprob(float(chosen_B[b]), int(rank_B[b]), decode(tok) if decode else None)}
+        for r, (i, v) in enumerate(zip(top_i[b, :n_top[b]].tolist(), top_v[b, :n_top[b]].tolist()), start=1):
+            if i not in d:
+                d[i] = Logprob(v, r, decode(i) if decode else None)
+        dicts[b] = d
     return chosen_B, dicts

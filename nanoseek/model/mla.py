@@ -9,11 +9,12 @@ Two mathematically equal paths:
 Without autograd (decode), the absorbed path can also fold W_UK into q_b_proj and W_UV into o_proj once,
 instead of applying them per step: a decode step is then a linear, attention over the latent, and a
 linear. The folded weights are derived state, rebuilt whenever a source weight is replaced, moved, cast
-or updated in place by an op that bumps its version counter. Fused optimizers (torch.optim.AdamW(fused=True))
-update in place without bumping it, so code that trains a model and decodes with it in turn (GRPO) must
-call `invalidate_caches()` after each optimizer step. The folded weights are only used where they cost at most 2x the unfolded projections' FLOPs
-(true for the small presets, where every saved op counts; not for V2/V3, whose 512-wide latent makes
-the folded projections 3-4x larger).
+or updated in place by an op that bumps its version counter. Fused optimizers
+(torch.optim.AdamW(fused=True)) update in place without bumping it, so code that trains a model and
+decodes with it in turn (GRPO) must call `invalidate_caches()` after each optimizer step. The folded
+weights are only used where they cost at most 2x the unfolded projections' FLOPs (true for the small
+presets, where every saved op counts; not for V2/V3, whose 512-wide latent makes the folded projections
+3-4x larger).
 """
 
 from __future__ import annotations
