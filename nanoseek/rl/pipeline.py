@@ -206,8 +206,8 @@ class R1Pipeline:
             examples = task_examples(self.cfg.tasks, "train", self.cfg.n(self.cfg.pretrain_docs), self.cfg.difficulty,
                                      seed=self.cfg.seed)
             docs = [r1_document(ex) for ex in examples]
-            docs += drill_documents(examples, self.cfg.n(self.cfg.pretrain_drills), seed=self.cfg.seed) \
-                if self.cfg.pretrain_drills else []
+            if self.cfg.pretrain_drills:
+                docs += drill_documents(examples, self.cfg.n(self.cfg.pretrain_drills), seed=self.cfg.seed)
             random.Random(self.cfg.seed).shuffle(docs)
             write_rows(path, [{"text": d} for d in docs])
         return path
