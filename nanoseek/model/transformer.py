@@ -212,6 +212,11 @@ class Transformer(nn.Module):
                     module.gate.e_score_correction_bias.zero_()
 
 
+def resolve_device(device: torch.device | str | None = None) -> torch.device:
+    """`device` as a torch.device; None picks cuda when a GPU is visible, else cpu."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def build_model(cfg: ModelConfig, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
                 seed: int | None = None) -> Transformer:
     """A randomly initialized model (seeded if `seed` is given)."""

@@ -39,6 +39,7 @@ from ..checkpoint import from_pretrained
 from ..config import ConfigError, load_config
 from ..data.tokenizer import Tokenizer
 from ..infer import LLM, prompt_opens_think
+from ..model import resolve_device
 from ..train.metrics import MetricsLog, read_jsonl
 from ..train.schedule import lr_at
 from ..train.state import list_checkpoints, load_trainer_state, save_checkpoint, save_model_dir
@@ -211,7 +212,7 @@ class GRPOTrainer:
         if not os.path.isdir(self.init):
             raise FileNotFoundError(f"--init {self.init!r} is not a folder (expected an HF-format checkpoint)")
         self.tokenizer = Tokenizer.load(self.init)
-        self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(cfg.device)
         self.ckpt_dir = os.path.join(self.out, "checkpoints")
         found = list_checkpoints(self.ckpt_dir) if resume else []
         if resume and not found:

@@ -31,6 +31,7 @@ from ..checkpoint import from_pretrained
 from ..config import ConfigError, load_config
 from ..data.dataset import IGNORE_INDEX
 from ..data.tokenizer import TOKENIZER_FILE, Tokenizer
+from ..model import resolve_device
 from ..train.metrics import MetricsLog, write_plots
 from ..train.schedule import lr_at
 from ..train.state import list_checkpoints, load_trainer_state, save_checkpoint, save_model_dir
@@ -191,7 +192,7 @@ class SFTTrainer:
         latest = list_checkpoints(self.ckpt_dir)[-1] if resume and list_checkpoints(self.ckpt_dir) else None
         if resume and latest is None:
             warnings.warn(f"--resume: no complete checkpoint in {self.ckpt_dir}; starting from {init}", stacklevel=2)
-        self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(cfg.device)
         self.model, self.tokenizer = load_init(latest or init)
         self.model.to(self.device)
         if self.tokenizer.vocab_size > self.model.cfg.vocab_size:

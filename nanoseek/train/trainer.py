@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from ..checkpoint import from_pretrained
 from ..config import ModelConfig
-from ..model import Transformer, build_model
+from ..model import Transformer, build_model, resolve_device
 from .balance import LoadTracker, batch_aux_loss, sequence_balance_loss
 from .config import TrainConfig
 from .data import TrainData, prepare_data
@@ -101,7 +101,7 @@ class Trainer:
         if resume and latest is None:
             warnings.warn(f"--resume: no complete checkpoint in {self.ckpt_dir}; starting from scratch", stacklevel=2)
         torch.manual_seed(cfg.seed)
-        self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(cfg.device)
         self.data: TrainData = prepare_data(cfg, tokenizer_dir=latest)
         if latest is not None:
             self.model = from_pretrained(latest, dtype=torch.float32, device=self.device)
