@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 
 from ..files import atomic_write_text
 from ..train.metrics import read_jsonl
@@ -99,12 +100,10 @@ def _plot_rl_curves(out: str) -> str | None:
 
 def _moving_average(values: list[float], window: int) -> list[float]:
     """Trailing mean over the last `window` values (fewer at the start)."""
-    return [sum(values[max(0, i + 1 - window):i + 1]) / len(values[max(0, i + 1 - window):i + 1])
-            for i in range(len(values))]
+    return [statistics.fmean(values[max(0, i + 1 - window):i + 1]) for i in range(len(values))]
 
 
 def write_json(path: str, obj) -> None:
     """`obj` as indented JSON at `path` (its folder created), written atomically."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     atomic_write_text(path, json.dumps(obj, indent=1))
-
