@@ -8,6 +8,8 @@ eos_token_id=None, HF with generation_config.eos_token_id=None and min_new_token
 row stops early (asserted). tokens/s = batch * new_tokens / wall time of the whole call, prefill included.
 HF runs one row per experts implementation (default grouped_mm, eager, batched_mm); the ratio is taken
 against the fastest HF row. All rows alternate in one process (order flipped each round) after warm-up.
+Row "nanoseek compiled" is greedy_generate(compiled=True): the decode steps through torch.compile
+(inductor, dynamic shapes); its one-off compile time is printed and kept out of the timed calls.
 
 Correctness check: the greedy ids of nanoseek and every HF row are compared (fraction of equal generated
 tokens and the first position where they differ); in fp32 they should agree exactly. bf16 is printed for
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 import torch
 
@@ -46,10 +49,15 @@ def run_config(args, pair, hf_models: dict, precision: str, batch: int) -> list[
     mask = torch.ones_like(ids)
     n_new = args.new_tokens
 
-    def ns_call():
-        return greedy_generate(pair.ns, ids, n_new, eos_token_id=None)
+    def ns_call(compiled=False):
+        return greedy_generate(pair.ns, ids, n_new, eos_token_id=None, compiled=compiled)
 
     calls = {"nanoseek": ns_call}
+    if args.compile:
+        t0 = time.perf_counter()
+        ns_call(compiled=True)   # compiles: not part of the timed calls
+        print(f"nanoseek compiled ({precision}, bs{batch}): first call (torch.compile) {time.perf_counter() - t0:.1f} s")
+        calls["nanoseek compiled"] = lambda: ns_call(compiled=True)
     for impl, hf in hf_models.items():
         @torch.no_grad()
         def hf_call(hf=hf):
@@ -76,12 +84,12 @@ def run_config(args, pair, hf_models: dict, precision: str, batch: int) -> list[
         r["vs_best_hf"] = r["tps"] / best["tps"]
     print(f"\n--- {precision}, batch {batch}: prompt {args.prompt_len} + {n_new} new tokens, "
           f"{args.warmup} warm-up + {args.reps} measured calls each ---")
-    print(f"{'row':14s} {'median s':>9s} {'min/max vs median':>18s} {'tokens/s':>9s} {'vs best HF':>10s} "
+    print(f"{'row':18s} {'median s':>9s} {'min/max vs median':>18s} {'tokens/s':>9s} {'vs best HF':>10s} "
           f"{'ids = nanoseek':>15s}")
     for r in rows:
         agree = "" if r["name"] == "nanoseek" else (
             f"{100 * r['agree']:.1f}%" + ("" if r["first_diff"] is None else f" (1st diff @{r['first_diff']})"))
-        print(f"{r['name']:14s} {r['median_s']:9.3f} {r['spread']:>18s} {r['tps']:9.1f} {r['vs_best_hf']:9.2f}x "
+        print(f"{r['name']:18s} {r['median_s']:9.3f} {r['spread']:>18s} {r['tps']:9.1f} {r['vs_best_hf']:9.2f}x "
               f"{agree:>15s}")
     print(f"fastest HF experts implementation ({precision}, bs{batch}): {best['name'][3:]}; "
           f"nanoseek/HF = {rows[0]['vs_best_hf']:.2f}x")
@@ -108,6 +116,8 @@ def main() -> None:
                     help=f"comma-separated HF experts implementations to run as rows ({', '.join(EXPERTS_IMPLS)})")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)")
+    ap.add_argument("--no-compile", dest="compile", action="store_false",
+                    help="skip the 'nanoseek compiled' row (greedy_generate(compiled=True), torch.compile'd decode steps)")
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of one nanoseek call")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args()
@@ -139,10 +149,11 @@ def main() -> None:
             rows = {r["name"]: r for r in all_rows if r["precision"] == precision and r["batch"] == batch}
             hf = {n: r for n, r in rows.items() if n.startswith("HF ")}
             best = max(hf.values(), key=lambda r: r["tps"])
-            ids_ok = all(r["agree"] == 1.0 for r in hf.values())
-            print(f"  {precision} bs{batch:<3d}: nanoseek {rows['nanoseek']['tps']:.1f}, "
+            ids_ok = all(r["agree"] == 1.0 for n, r in rows.items() if n != "nanoseek")
+            ours = [n for n in rows if not n.startswith("HF ")]
+            print(f"  {precision} bs{batch:<3d}: " + ", ".join(f"{n} {rows[n]['tps']:.1f}" for n in ours) + ", "
                   + ", ".join(f"{n} {r['tps']:.1f}" for n, r in hf.items())
-                  + f"; nanoseek/{best['name']} = {rows['nanoseek']['vs_best_hf']:.2f}x; greedy ids "
+                  + "; " + ", ".join(f"{n}/{best['name']} = {rows[n]['vs_best_hf']:.2f}x" for n in ours) + "; greedy ids "
                   + ("identical" if ids_ok else "differ (see table)"))
 
 

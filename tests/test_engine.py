@@ -4,6 +4,7 @@ reasoning split."""
 
 from __future__ import annotations
 
+import copy
 import random
 
 import pytest
@@ -101,6 +102,30 @@ def test_batched_with_requests_joining_equals_unbatched(model):
     assert streamed == expected, "the deltas must add up to the output"
     assert engine.stats.generated_tokens == sum(lengths)
     assert engine.scheduler.num_free_slots == 3
+
+
+def test_compiled_decode_equals_eager_and_follows_weight_updates():
+    """compile=True: ragged requests (more than slots, so rows join and leave) give the eager greedy
+    tokens; after an in-place weight update (as GRPO does between rollouts) the compiled steps use the
+    new weights, not values captured at compile time."""
+    model = _model(seed=4)
+    prompts = _prompts(model.cfg.vocab_size, [5, 9, 2, 6], seed=6)
+    lengths = [12, 5, 9, 7]
+    params = [SamplingParams(max_tokens=n, **GREEDY) for n in lengths]
+    llm = LLM(model, max_num_seqs=3, compile=True)
+
+    def run(reference):
+        expected = [_reference(reference, p, n) for p, n in zip(prompts, lengths)]
+        got = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params)]
+        assert got == expected
+        return got
+
+    before = run(model)
+    with torch.no_grad():
+        for w in model.parameters():
+            w.mul_(1.5)
+    # the reference decodes a copy, so nothing but the compiled path itself refreshes the model's folded weights
+    assert run(copy.deepcopy(model)) != before, "the update must change the greedy tokens, or this shows nothing"
 
 
 def test_abort_frees_the_slot_immediately(model):

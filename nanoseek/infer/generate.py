@@ -10,10 +10,11 @@ from ..model import LatentCache, Transformer
 
 @torch.no_grad()
 def greedy_generate(model: Transformer, input_ids: torch.Tensor, max_new_tokens: int,
-                    eos_token_id: int | None = None) -> torch.Tensor:
+                    eos_token_id: int | None = None, compiled: bool = False) -> torch.Tensor:
     """Greedy continuation of equal-length prompts (B, T); returns (B, T + max_new_tokens) ids.
 
-    Rows that produced `eos_token_id` keep emitting it (the batch stays rectangular).
+    Rows that produced `eos_token_id` keep emitting it (the batch stays rectangular). `compiled`: decode
+    steps through torch.compile (see `Transformer.hidden_states`).
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -35,5 +36,5 @@ def greedy_generate(model: Transformer, input_ids: torch.Tensor, max_new_tokens:
         if step + 1 == max_new_tokens:
             break
         pos = torch.full((B, 1), T + step, device=input_ids.device)
-        logits = model(nxt[:, None], positions=pos, cache=cache)[:, -1]
+        logits = model.lm_head(model.hidden_states(nxt[:, None], pos, cache, compiled=compiled)[:, -1])
     return torch.cat(out, dim=1)

@@ -27,14 +27,15 @@ class LLM:
         model: a checkpoint folder (config.json + safetensors, tokenizer.json used when present) or a Transformer.
         tokenizer: a nanoseek Tokenizer or a folder holding tokenizer.json (overrides the checkpoint's).
         max_num_seqs, max_model_len, cache_dtype, cache_memory_bytes, speculative, num_speculative_tokens,
-            seed: see LLMEngine.
+            seed, compile: see LLMEngine.
         dtype: parameter dtype when loading a folder (default: the checkpoint's).
     """
 
     def __init__(self, model: str | os.PathLike | Transformer, tokenizer=None, max_num_seqs: int = 16,
                  max_model_len: int | None = None, cache_dtype: torch.dtype | None = None,
                  speculative: bool | str | None = False, num_speculative_tokens: int = 1, seed: int = 0,
-                 cache_memory_bytes: int | None = DEFAULT_CACHE_MEMORY_BYTES, dtype: torch.dtype | None = None):
+                 cache_memory_bytes: int | None = DEFAULT_CACHE_MEMORY_BYTES, dtype: torch.dtype | None = None,
+                 compile: bool = False):
         from ..checkpoint import from_pretrained
         from ..data.tokenizer import TOKENIZER_FILE, Tokenizer
 
@@ -47,7 +48,8 @@ class LLM:
             tokenizer = Tokenizer.load(tokenizer)
         self.llm_engine = LLMEngine(model, tokenizer, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                                     cache_dtype=cache_dtype, cache_memory_bytes=cache_memory_bytes,
-                                    speculative=speculative, num_speculative_tokens=num_speculative_tokens, seed=seed)
+                                    speculative=speculative, num_speculative_tokens=num_speculative_tokens, seed=seed,
+                                    compile=compile)
         self.model, self.tokenizer = model, tokenizer
         self._ids = itertools.count()
 

@@ -3,7 +3,7 @@
 - prefill: right-padded prompts from position 0 through the naive MLA path (cheap in FLOPs). The junk
   latents written past a short prompt are overwritten before any query can see them.
 - decode/verify: a few tokens per row at each row's own positions through the absorbed path; the
-  position mask lets rows of different lengths (cache slots) share one forward.
+  position mask lets rows of different lengths (cache slots) share one forward. Optionally compiled.
 - mtp: the MTP module over its own cache layer (`num_hidden_layers + k`), for speculative drafts.
 Everything runs under torch.inference_mode; the cache is created there too.
 """
@@ -21,11 +21,13 @@ class ModelRunner:
         num_slots, max_len: cache rows (concurrent sequences) and tokens per row.
         cache_dtype: dtype of the cached latents (default: the model's).
         with_mtp: also cache the MTP modules' layers.
+        compile: decode and verification forwards through torch.compile (`Transformer.hidden_states`).
     """
 
     def __init__(self, model: Transformer, num_slots: int, max_len: int, cache_dtype: torch.dtype | None = None,
-                 with_mtp: bool = False):
+                 with_mtp: bool = False, compile: bool = False):
         self.model = model.eval()
+        self.compile = compile
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         with torch.inference_mode():
@@ -52,7 +54,8 @@ class ModelRunner:
         """Hidden states (B, T, D) of T new tokens per row at positions start..start+T-1, over the cache."""
         ids_BT = self._tensor(ids)
         positions = self._tensor(starts)[:, None] + torch.arange(ids_BT.shape[1], device=self.device)
-        return self.model.hidden_states(ids_BT, positions, self.cache, self._slots(slots), absorb=True)
+        return self.model.hidden_states(ids_BT, positions, self.cache, self._slots(slots), absorb=True,
+                                        compiled=self.compile)
 
     @torch.inference_mode()
     def mtp(self, h_BTD: torch.Tensor, next_ids: list[list[int]], starts: list[int], slots: list[int],

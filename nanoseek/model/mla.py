@@ -38,7 +38,9 @@ class MLA(nn.Module):
         self.kv_rank = C = cfg.kv_lora_rank
         self.softmax_scale = cfg.softmax_scale
         qk = cfg.qk_head_dim
-        if cfg.q_lora_rank is None:
+        # a plain flag: hasattr on a missing submodule raises inside nn.Module.__getattr__ (microseconds per call)
+        self.q_lora = cfg.q_lora_rank is not None
+        if not self.q_lora:
             self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * qk, bias=False)
         else:
             self.q_a_proj = nn.Linear(cfg.hidden_size, cfg.q_lora_rank, bias=False)
@@ -67,7 +69,7 @@ class MLA(nn.Module):
         """
         B, T, _ = x_BTD.shape
         H, C, R = self.n_heads, self.kv_rank, self.rope
-        q_in = x_BTD if hasattr(self, "q_proj") else self.q_a_layernorm(self.q_a_proj(x_BTD))
+        q_in = self.q_a_layernorm(self.q_a_proj(x_BTD)) if self.q_lora else x_BTD
         kv_raw, k_pe = self.kv_a_proj_with_mqa(x_BTD).split([C, R], dim=-1)
         # [c_KV ; k_pe]: the cached row, and the absorbed path's single key head
         latent_BTL = torch.cat([self.kv_a_layernorm(kv_raw), apply_rope(k_pe, cos, sin)], dim=-1)
@@ -102,7 +104,7 @@ class MLA(nn.Module):
 
     def _q(self, q_in, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-head queries (B, T, H, nope) and rotated (B, T, H, rope)."""
-        q = self.q_proj(q_in) if hasattr(self, "q_proj") else self.q_b_proj(q_in)
+        q = self.q_b_proj(q_in) if self.q_lora else self.q_proj(q_in)
         q_nope, q_pe = q.unflatten(-1, (self.n_heads, self.nope + self.rope)).split([self.nope, self.rope], -1)
         return q_nope, apply_rope(q_pe, cos, sin)
 
@@ -142,7 +144,9 @@ class MLA(nn.Module):
     def _folded_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """w_q (H*(C+R), q_in): per head [W_UK^T W_q,nope ; W_q,pe]; w_o (D, H*C): per head W_O,h W_UV,h.
         Rebuilt when a source weight is replaced or updated in place (its data pointer or version moves)."""
-        w_qb = self.q_proj.weight if hasattr(self, "q_proj") else self.q_b_proj.weight
+        if torch.compiler.is_compiling():  # refreshed before the compiled forward (Transformer.hidden_states)
+            return self._folded[1], self._folded[2]
+        w_qb = self.q_b_proj.weight if self.q_lora else self.q_proj.weight
         sources = (w_qb, self.kv_b_proj.weight, self.o_proj.weight)
         key = tuple((w.data_ptr(), w._version, w.dtype) for w in sources)
         if self._folded is None or self._folded[0] != key:

@@ -87,35 +87,78 @@ class Experts(nn.Module):
     def forward(self, x_ND: torch.Tensor, w_NK: torch.Tensor, idx_NK: torch.Tensor,
                 counts_E: torch.Tensor) -> torch.Tensor:
         N, K = idx_NK.shape
-        if N == 1 and not x_ND.is_cuda and not torch.is_grad_enabled():   # batch-1 decode
-            return self._one_token(x_ND, w_NK, idx_NK)
-        order = idx_NK.flatten().argsort(stable=True)            # token-expert pairs grouped by expert
-        token_S = order // K
-        offsets = counts_E.cumsum(0).to(torch.int32)
-        dtype = x_ND.dtype
-        # grouped_mm is not autocast-aware. On CUDA, follow autocast (bf16 GEMMs are the fast path); on
-        # CPU keep the weights' dtype: without AMX, bf16 GEMMs run at about half the fp32 rate
-        # (190 vs 386 GFLOP/s measured by benchmarks/bench_matmul_peak.py on the 2-core dev machine).
-        if torch.is_autocast_enabled(x_ND.device.type):
-            dtype = torch.get_autocast_dtype(x_ND.device.type) if x_ND.is_cuda else self.down_proj.dtype
-        w13, w2 = self.gate_up_proj.to(dtype), self.down_proj.to(dtype)
-        # index_select/index_add (not x[idx] / scatter): their backward passes are a plain index_add/gather.
-        x_SD = x_ND.to(dtype).index_select(0, token_S)
-        gate, up = torch._grouped_mm(x_SD, w13.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
-        y_SD = torch._grouped_mm(F.silu(gate) * up, w2.transpose(1, 2), offs=offsets)
-        y_SD = y_SD * w_NK.flatten()[order].to(dtype)[:, None]   # g_{i,t} * FFN_i(u_t)
-        return torch.zeros(N, y_SD.shape[1], dtype=dtype, device=x_ND.device).index_add_(0, token_S, y_SD)
+        w13, w2 = self.gate_up_proj, self.down_proj
+        if not torch.is_grad_enabled():
+            if torch.compiler.is_compiling():
+                # A few tokens gather their experts' weights, which inductor fuses into the step; more tokens
+                # run the eager kernels as one opaque op (inductor has no fp32 grouped_mm on CPU). Gathering
+                # reads N*K experts' weights, the grouped path each hit expert once plus a per-expert
+                # overhead: the crossover measured on the small preset lies between 64 and 128 pairs (4E, 8E).
+                if N * K <= 4 * w13.shape[0]:
+                    return _gathered(x_ND, w_NK, idx_NK, w13, w2)
+                return torch.ops.nanoseek.routed_experts(x_ND, w_NK, idx_NK, w13, w2)
+            if N == 1 and not x_ND.is_cuda:   # batch-1 decode
+                return _one_token(x_ND, w_NK, idx_NK, w13, w2)
+        return _grouped(x_ND, w_NK, idx_NK, counts_E, w13, w2)
 
-    def _one_token(self, x_1D: torch.Tensor, w_1K: torch.Tensor, idx_1K: torch.Tensor) -> torch.Tensor:
-        """Batch-1 decode on CPU: the K hit experts one by one, on views of their weights. grouped_mm would
-        visit all E experts (an mm, slices and a host sync each) and gathering K weight copies for one bmm
-        costs more than it saves. The gating weight rides on addmm's alpha: every op here is overhead."""
-        y_1D = None
-        for e, g in zip(idx_1K[0].tolist(), w_1K[0].tolist()):
-            gate, up = F.linear(x_1D, self.gate_up_proj[e]).chunk(2, dim=-1)
-            h_1I, w2_ID = F.silu(gate) * up, self.down_proj[e].t()
-            y_1D = torch.mm(h_1I, w2_ID).mul_(g) if y_1D is None else torch.addmm(y_1D, h_1I, w2_ID, alpha=g)
-        return y_1D
+
+def _grouped(x_ND, w_NK, idx_NK, counts_E, w13, w2) -> torch.Tensor:
+    """Token-expert pairs sorted by expert, two grouped matmuls, outputs added back per token."""
+    N, K = idx_NK.shape
+    order = idx_NK.flatten().argsort(stable=True)            # token-expert pairs grouped by expert
+    token_S = order // K
+    offsets = counts_E.cumsum(0).to(torch.int32)
+    dtype = x_ND.dtype
+    # grouped_mm is not autocast-aware. On CUDA, follow autocast (bf16 GEMMs are the fast path); on
+    # CPU keep the weights' dtype: without AMX, bf16 GEMMs run at about half the fp32 rate
+    # (190 vs 386 GFLOP/s measured by benchmarks/bench_matmul_peak.py on the 2-core dev machine).
+    if torch.is_autocast_enabled(x_ND.device.type):
+        dtype = torch.get_autocast_dtype(x_ND.device.type) if x_ND.is_cuda else w2.dtype
+    w13, w2 = w13.to(dtype), w2.to(dtype)
+    # index_select/index_add (not x[idx] / scatter): their backward passes are a plain index_add/gather.
+    x_SD = x_ND.to(dtype).index_select(0, token_S)
+    gate, up = torch._grouped_mm(x_SD, w13.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
+    y_SD = torch._grouped_mm(F.silu(gate) * up, w2.transpose(1, 2), offs=offsets)
+    y_SD = y_SD * w_NK.flatten()[order].to(dtype)[:, None]   # g_{i,t} * FFN_i(u_t)
+    return torch.zeros(N, y_SD.shape[1], dtype=dtype, device=x_ND.device).index_add_(0, token_S, y_SD)
+
+
+def _one_token(x_1D, w_1K, idx_1K, w13, w2) -> torch.Tensor:
+    """Batch-1 decode on CPU: the K hit experts one by one, on views of their weights. grouped_mm would
+    visit all E experts (an mm, slices and a host sync each) and gathering K weight copies for one bmm
+    costs more than it saves. The gating weight rides on addmm's alpha: every op here is overhead."""
+    y_1D = None
+    for e, g in zip(idx_1K[0].tolist(), w_1K[0].tolist()):
+        gate, up = F.linear(x_1D, w13[e]).chunk(2, dim=-1)
+        h_1I, w2_ID = F.silu(gate) * up, w2[e].t()
+        y_1D = torch.mm(h_1I, w2_ID).mul_(g) if y_1D is None else torch.addmm(y_1D, h_1I, w2_ID, alpha=g)
+    return y_1D
+
+
+def _gathered(x_ND, w_NK, idx_NK, w13, w2) -> torch.Tensor:
+    """Compiled decode of a few tokens: the weights of every token-expert pair gathered and applied as two
+    bmm. No shape depends on the routing (no per-expert counts, no host sync), so inductor fuses it."""
+    N, K = idx_NK.shape
+    e_S = idx_NK.flatten()
+    x_S1D = x_ND[:, None].expand(N, K, x_ND.shape[-1]).reshape(N * K, 1, -1)
+    gate, up = torch.bmm(x_S1D, w13[e_S].transpose(1, 2)).chunk(2, dim=-1)
+    y_S1D = torch.bmm(F.silu(gate) * up, w2[e_S].transpose(1, 2))
+    return (y_S1D.view(N, K, -1) * w_NK[..., None].to(y_S1D.dtype)).sum(1)
+
+
+@torch.library.custom_op("nanoseek::routed_experts", mutates_args=())
+def routed_experts(x_ND: torch.Tensor, w_NK: torch.Tensor, idx_NK: torch.Tensor, w13: torch.Tensor,
+                   w2: torch.Tensor) -> torch.Tensor:
+    """The routed experts' inference forward as one op that torch.compile calls but does not trace."""
+    if idx_NK.shape[0] == 1 and not x_ND.is_cuda:
+        return _one_token(x_ND, w_NK, idx_NK, w13, w2)
+    counts_E = torch.bincount(idx_NK.flatten(), minlength=w13.shape[0])
+    return _grouped(x_ND, w_NK, idx_NK, counts_E, w13, w2)
+
+
+@routed_experts.register_fake
+def _(x_ND, w_NK, idx_NK, w13, w2):
+    return x_ND.new_empty(x_ND.shape[0], w2.shape[1])
 
 
 class MoE(nn.Module):
@@ -133,7 +176,9 @@ class MoE(nn.Module):
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         x_ND = x_BTD.reshape(-1, x_BTD.shape[-1])
         w_NK, idx_NK, scores = self.gate(x_ND)
-        counts = torch.bincount(idx_NK.flatten(), minlength=self.n_experts)
+        # scatter_add, not bincount: bincount's output size depends on the data, which breaks a compiled graph
+        idx_S = idx_NK.flatten()
+        counts = idx_S.new_zeros(self.n_experts).scatter_add_(0, idx_S, torch.ones_like(idx_S))
         self.tokens_per_expert = counts.detach()
         self.routing = (scores, idx_NK) if self.training else None
         y = self.experts(x_ND, w_NK, idx_NK, counts).view_as(x_BTD).to(x_BTD.dtype)

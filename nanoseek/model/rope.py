@@ -60,10 +60,14 @@ def apply_rope(x: torch.Tensor, cos_BTP: torch.Tensor, sin_BTP: torch.Tensor) ->
     """Rotate interleaved pairs of x (B, T, [H,] 2P); cos/sin (B, T, P). Computed in fp32.
 
     As one complex product (x0 + i x1)(cos + i sin), DeepSeek's formulation: 4 ops instead of ~12 for
-    the real-arithmetic version, which matters at decode where every op is overhead (equal in fp32)."""
+    the real-arithmetic version, which matters at decode where every op is overhead (equal in fp32).
+    Under torch.compile, which generates no code for complex ops, the real version (fused there anyway)."""
     if x.dim() == 4:  # per-head tensor: broadcast over heads
         cos_BTP, sin_BTP = cos_BTP[:, :, None], sin_BTP[:, :, None]
     pairs = x.float().unflatten(-1, (-1, 2))
+    if torch.compiler.is_compiling():
+        x0, x1 = pairs.unbind(-1)
+        return torch.stack([x0 * cos_BTP - x1 * sin_BTP, x0 * sin_BTP + x1 * cos_BTP], -1).flatten(-2).to(x.dtype)
     if pairs.stride(-2) % 2 or pairs.storage_offset() % 2:  # a complex view needs 8-byte-aligned pairs
         pairs = pairs.contiguous()
     out = torch.view_as_complex(pairs) * torch.complex(cos_BTP, sin_BTP)

@@ -7,6 +7,8 @@ rename of the MTP layers and a split of the stacked experts only (nanoseek/check
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -88,7 +90,7 @@ class Transformer(nn.Module):
 
     def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                       cache: LatentCache | None = None, slots: torch.Tensor | None = None,
-                      absorb: bool | None = None) -> torch.Tensor:
+                      absorb: bool | None = None, compiled: bool = False) -> torch.Tensor:
         """Final-normed hidden states (B, T, D).
 
         Args:
@@ -98,9 +100,23 @@ class Transformer(nn.Module):
             slots: (B,) cache rows of the batch rows; default 0..B-1.
             absorb: attention path. Default: naive when there is no history (training, prefill from
                 position 0), absorbed over the cache otherwise (decode, chunked prefill).
+            compiled: run the layers through torch.compile (inductor, dynamic shapes) when this is an
+                absorbed forward without autograd (decode, speculative verification). The first call
+                compiles (seconds to a minute); later ones fuse the step's small ops into a few kernels
+                (benchmarks/bench_decode.py). Other forwards ignore it.
         """
         self._check_ids(input_ids)
         positions, slots, absorb, bias = self._prepare(input_ids, positions, cache, slots, absorb)
+        if compiled and absorb and not torch.is_grad_enabled():
+            for layer in self.model.layers:  # folded weights are refreshed here: the graph only reads them
+                if layer.self_attn.fold:
+                    layer.self_attn._folded_weights()
+            return _compiled_layers()(self, input_ids, positions, cache, slots, absorb, bias)
+        return self.layers_forward(input_ids, positions, cache, slots, absorb, bias)
+
+    def layers_forward(self, input_ids, positions, cache, slots, absorb, bias) -> torch.Tensor:
+        """Embedding, blocks and final norm on prepared arguments (`_prepare`): no checks, no host syncs,
+        so that torch.compile sees the whole forward as one graph."""
         cos, sin = self.rotary(positions)
         x = self.model.embed_tokens(input_ids)
         for layer in self.model.layers:
@@ -210,6 +226,14 @@ class Transformer(nn.Module):
                 nn.init.normal_(module.experts.down_proj, std=std)
                 if module.gate.e_score_correction_bias is not None:
                     module.gate.e_score_correction_bias.zero_()
+
+
+@functools.cache
+def _compiled_layers():
+    """Transformer.layers_forward compiled once per process, on first use (importing torch._dynamo costs
+    seconds). Dynamic shapes: batch, step width and cache length vary from call to call. cpp_wrapper: the
+    graph's ~100 kernel calls are made from C++ rather than Python, ~15% of a batch-1 step on CPU."""
+    return torch.compile(Transformer.layers_forward, dynamic=True, options={"cpp_wrapper": True})
 
 
 def resolve_device(device: torch.device | str | None = None) -> torch.device:

@@ -53,6 +53,9 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None,
                    help="longest prompt + completion in tokens (default: the model's max_position_embeddings)")
     p.add_argument("--speculative", default=None, choices=["mtp"], help="MTP self-speculative decoding")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode steps: the first requests wait for the compile (up to a minute), "
+                        "later steps run faster (LLMEngine compile)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="parameter dtype (default: the checkpoint's)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -79,7 +82,7 @@ def load_llm(args, default_seqs: int):
     device = resolve_device(args.device)
     model = from_pretrained(args.model, dtype=getattr(torch, args.dtype) if args.dtype else None, device=device)
     return LLM(model, tokenizer, max_num_seqs=args.max_num_seqs or default_seqs, max_model_len=args.max_model_len,
-               speculative=args.speculative or False)
+               speculative=args.speculative or False, compile=args.compile)
 
 
 def _params(args, max_tokens: int):
