@@ -4,6 +4,7 @@ import json
 import random
 import re
 import time
+from collections import Counter
 
 import pytest
 import torch
@@ -14,7 +15,8 @@ from nanoseek.data import (IGNORE_INDEX, TASKS, BatchIterator, Example, PackedDa
                            r1_document, r1_messages, r1_prompt, split_documents, tokenize_documents,
                            train_tokenizer)
 from nanoseek.data.corpus import drill_documents, solution_steps
-from nanoseek.data.tasks import expr, get_task
+from nanoseek.data.tasks import countdown, expr, get_task
+from nanoseek.data.tasks.countdown import search_trace
 
 ALL_LEVELS = [(name, level) for name, spec in sorted(TASKS.items()) for level in spec.levels]
 
@@ -91,14 +93,91 @@ def test_linear_answers_solve_the_equation():
         assert not check(ex, f"x = {x + 1}") and not check(ex, f"y = {x}") and not check(ex, f"x = {x}.5")
 
 
-def test_countdown_solutions_verify_and_show_a_search():
-    for ex in generate("countdown", "train", 90, seed=3):
+_OP = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)")  # one written operation "x op y = z"
+
+
+def _follow_countdown_trace(ex: Example) -> None:
+    """Replay a worked solution line by line and assert that every line follows from the ones before."""
+    nums, target = ex.meta["numbers"], ex.meta["target"]
+    lines = ex.solution.splitlines()
+    assert lines[0] == f"We need {target} from {', '.join(map(str, nums))}."
+    assert lines[-1] == f"So {ex.answer} = {target}."
+    check_line = lines[-2]
+    assert check_line.startswith("Check: ") and check_line.endswith(f" = {target}.")
+    assert len(_OP.findall(check_line)) == sum(ex.answer.count(op) for op in "+-*/")  # one step per operation
+    board = list(nums)  # the numbers the current search works on, in the order written
+    lasts = []  # the numbers tried last so far in the current three-number search
+    listed: list[int] = []  # the results of the latest listing
+    top_pair, pair_listed = [], []  # for four numbers: the latest pair and its results
+    last = None  # the number the latest "Last" block puts last
+    verdicts = 0
+    for line in lines[1:-2]:
+        ops = _OP.findall(line)
+        for a, op, b, c in ops:
+            assert expr.apply(op, int(a), int(b)) == int(c), line
+        yes = line.endswith(" yes.")
+        assert line.count("yes") == yes, line
+        verdicts += yes
+        if line.startswith("Try "):  # "Try r, c, d.": a result of the latest pair, then the other two numbers
+            made, *others = (int(v) for v in line[4:-1].split(", "))
+            assert made in pair_listed and sorted(others) == sorted((Counter(nums) - Counter(top_pair)).elements())
+            board, lasts = [made] + others, []
+        elif ":" in line:  # a listing: "Last n, rest a, b: ..." or, for four numbers, "a, b: ..."
+            head = [int(v) for v in re.findall(r"\d+", line.split(":")[0])]
+            if line.startswith("Last "):
+                last, pair = head[0], head[1:]
+                assert sorted(head) == sorted(board)
+                lasts.append(last)  # every number in the order written, a repeated one only once
+                assert lasts == list(dict.fromkeys(board))[:len(lasts)], line
+            else:
+                last, pair = None, head
+                assert len(nums) == 4 and len(pair) == 2 and not Counter(pair) - Counter(nums)
+            assert ops and all(sorted((int(a), int(b))) == sorted(pair) for a, _, b, _ in ops)
+            listed = [int(c) for *_, c in ops]
+            if last is None:
+                top_pair, pair_listed = pair, listed
+            assert all(v > 0 for v in listed) and (int(ops[-1][3]) == target) == yes  # stops at the target
+        else:  # what the rest must make if `last` is the last operand; only a listed value gets "yes"
+            assert last is not None and ops
+            for k, (a, op, b, r) in enumerate(ops):
+                assert sorted((int(a), int(b))) == sorted((target, last)), line
+                assert int(r) <= max(listed)  # a value above every listed one is not written
+                assert (int(r) in listed) == (yes and k == len(ops) - 1), line
+    assert verdicts == 1 and lines[-3].endswith(" yes.")  # the search stops at its first success
+
+
+@pytest.mark.parametrize("level,n", [(1, 200), (2, 20), (3, 20)])
+def test_countdown_solutions_are_a_search_that_ends_in_the_answer(level, n):
+    for ex in generate("countdown", "train", n, level, seed=3):
         nums, target = ex.meta["numbers"], ex.meta["target"]
         assert countdown_check(nums, target, ex.answer)
-        assert 3 <= len(nums) <= 4 and target not in nums
+        assert len(nums) == (3 if level == 1 else 4) and target not in nums
         assert ex.question.startswith(f"Using the numbers [{', '.join(map(str, nums))}]")
-        assert "Wait," in ex.solution and ex.solution.index("Wait,") < ex.solution.index(f"Try {ex.answer}:")
-        assert ex.solution.endswith(f"So {ex.answer} = {target}.")
+        _follow_countdown_trace(ex)
+        assert search_trace(nums, target) == (ex.solution, ex.answer)  # the same problem, the same trace
+
+
+def test_countdown_search_order_and_edge_cases():
+    solution, answer = search_trace([1, 6, 7], 48)
+    assert "\n".join("    " + line for line in solution.splitlines()) in countdown.__doc__  # the documented example
+    # numbers are tried in the order given: another order gives another trace, still a verified one
+    reordered, other = search_trace([6, 7, 1], 48)
+    assert reordered != solution and countdown_check([6, 7, 1], 48, other)
+    # last steps of each kind: n / rest, n - rest, rest / n, two numbers only, rest + n, and for four numbers
+    # a product of two pairs (the only shape that reaches 55 there)
+    cases = {(1, 1, 6, 3): "6 / (1 + 1)", (2, 7, 2, 6): "7 - 2 / 2", (9, 1, 2, 5): "(9 + 1) / 2",
+             (5, 1, 1, 2): "1 + 1", (2, 7, 2, 16): "7 * 2 + 2", (9, 2, 3, 2, 55): "(3 + 2) * (9 + 2)"}
+    for (*nums, target), want in cases.items():
+        solution, answer = search_trace(nums, target)
+        assert answer == want and countdown_check(nums, target, answer)
+        _follow_countdown_trace(Example("countdown", "q", answer, solution, 1, {"numbers": nums, "target": target}))
+    assert search_trace([1, 2, 3], 100) is None  # no expression over them reaches 100
+
+
+def test_countdown_level_1_traces_fit_the_sampling_budget(tok):
+    # the R1 stages sample at most 256 new tokens for the whole <think>...</think><answer>...</answer>
+    lengths = sorted(len(tok.encode(r1_completion(ex))) for ex in generate("countdown", "train", 300, 1, seed=4))
+    assert lengths[-1] <= 256 and lengths[int(0.95 * len(lengths))] <= 200
 
 
 def test_countdown_check_rules():
