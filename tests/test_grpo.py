@@ -88,9 +88,11 @@ def test_training_logprobs_match_the_sampler(init_dir):
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(n=4, max_tokens=10, seed=3))
     pids = [p for p, o in zip(prompts, outs) for _ in o.outputs]
     cids = [list(c.token_ids) for o in outs for c in o.outputs]
-    ids, targets, mask, index = pad_batch(pids, cids)
+    batch = pad_batch(pids, cids)
+    assert batch.prompt_ids.shape[0] == 2 and batch.group.tolist() == [0] * 4 + [1] * 4  # each prompt once
     with torch.no_grad():
-        logp, _ = completion_logprobs(model, ids, targets, index)
+        logp, _ = completion_logprobs(model, batch)
+    mask = batch.mask
     expected = torch.tensor([c.cumulative_logprob for o in outs for c in o.outputs])
     torch.testing.assert_close((logp * mask).sum(1), expected, rtol=1e-4, atol=1e-4)
 

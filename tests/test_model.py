@@ -111,6 +111,39 @@ def test_hidden_states_then_lm_head_is_forward(tiny_model):
         assert torch.allclose(tiny_model.lm_head(h), tiny_model(ids), rtol=0, atol=0)
 
 
+def test_shared_prefix_forward_equals_the_concatenated_rows_with_gradients(tiny_model, assert_rel_close):
+    """Prefixes of different lengths, one shared by two continuations: hidden states and parameter
+    gradients equal those of the padded forward of each prefix + continuation row."""
+    cfg, model = tiny_model.cfg, copy.deepcopy(tiny_model)
+    g = torch.Generator().manual_seed(3)
+    prefixes = [torch.randint(2, cfg.vocab_size, (n,), generator=g).tolist() for n in (6, 3)]
+    conts = [torch.randint(2, cfg.vocab_size, (n,), generator=g).tolist() for n in (5, 2, 7)]
+    group = [0, 1, 0]
+    pid = torch.zeros(2, 6, dtype=torch.long)
+    cid = torch.zeros(3, 7, dtype=torch.long)
+    for i, p in enumerate(prefixes):
+        pid[i, :len(p)] = torch.tensor(p)
+    for i, c in enumerate(conts):
+        cid[i, :len(c)] = torch.tensor(c)
+    weights = torch.randn(3, 7, cfg.hidden_size, generator=g)
+    h_p, h_c = model.prefix_shared_hidden_states(pid, torch.tensor([6, 3]), cid, torch.tensor(group))
+    sum((h_c[b, :len(c)] * weights[b, :len(c)]).sum() for b, c in enumerate(conts)).backward()
+    shared_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    total = 0
+    for b, (n, c) in enumerate(zip(group, conts)):
+        p = prefixes[n]
+        h = model.hidden_states(torch.tensor([p + c]))[0]
+        torch.testing.assert_close(h_c[b, :len(c)], h[len(p):], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(h_p[n, :len(p)], h[:len(p)], rtol=1e-5, atol=1e-5)
+        total = total + (h[len(p):] * weights[b, :len(c)]).sum()
+    total.backward()
+    assert shared_grads.keys() == {n for n, p in model.named_parameters() if p.grad is not None}
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            assert_rel_close(shared_grads[n], p.grad, 1e-5, n)
+
+
 # ---- the latent cache ------------------------------------------------------------------------------
 
 def test_incremental_decoding_equals_full_forward(tiny_model, assert_rel_close):

@@ -98,6 +98,26 @@ class MLA(nn.Module):
         o_BTHV = self._absorbed(q_nope, q_pe, latent_BSL, bias_BMS)
         return self.o_proj(o_BTHV.reshape(B, T, H * self.v_dim))
 
+    def forward_with_prefix(self, x_NPD: torch.Tensor, rope_p: tuple[torch.Tensor, torch.Tensor],
+                            x_BTD: torch.Tensor, rope_c: tuple[torch.Tensor, torch.Tensor], group_B: torch.Tensor,
+                            mask_B1TS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training forward (naive path) of N prefixes and B continuations, each continuation after prefix
+        group_B[b]: the prefixes attend causally to themselves; a continuation attends to its prefix's
+        latents, computed once for all rows that share it, then to itself (`mask_B1TS`, True = visible,
+        keys = [prefix ; continuation]). Returns the outputs (N, P, D) and (B, T, D)."""
+        H, C, R = self.n_heads, self.kv_rank, self.rope
+        out, prefix_NPL = [], None
+        for x, (cos, sin) in ((x_NPD, rope_p), (x_BTD, rope_c)):
+            q_in = self.q_a_layernorm(self.q_a_proj(x)) if self.q_lora else x
+            kv_raw, k_pe = self.kv_a_proj_with_mqa(x).split([C, R], dim=-1)
+            latent = torch.cat([self.kv_a_layernorm(kv_raw), apply_rope(k_pe, cos, sin)], dim=-1)
+            keys, mask = (latent, None) if prefix_NPL is None else (torch.cat([prefix_NPL[group_B], latent], 1), mask_B1TS)
+            prefix_NPL = latent if prefix_NPL is None else prefix_NPL
+            q_nope, q_pe = self._q(q_in, cos, sin)
+            o = self._naive(q_nope, q_pe, *keys.split([C, R], dim=-1), mask)
+            out.append(self.o_proj(o.reshape(*x.shape[:2], H * self.v_dim)))
+        return out[0], out[1]
+
     def invalidate_caches(self) -> None:
         """Drop the folded projections; they are rebuilt from the current weights on the next decode."""
         self._folded = None
@@ -108,13 +128,16 @@ class MLA(nn.Module):
         q_nope, q_pe = q.unflatten(-1, (self.n_heads, self.nope + self.rope)).split([self.nope, self.rope], -1)
         return q_nope, apply_rope(q_pe, cos, sin)
 
-    def _naive(self, q_nope, q_pe, c_kv_BTC, k_pe_BTR) -> torch.Tensor:
-        B, T, H, _ = q_nope.shape
-        kv = self.kv_b_proj(c_kv_BTC).view(B, T, H, self.nope + self.v_dim)
+    def _naive(self, q_nope, q_pe, c_kv_BSC, k_pe_BSR, mask_B1TS=None) -> torch.Tensor:
+        """Per-head attention of T queries over S keys expanded from the latent: causal (S = T) without a
+        mask, else as `mask_B1TS` (True = visible). (B, T, H, V)."""
+        B, S, H = c_kv_BSC.shape[0], c_kv_BSC.shape[1], self.n_heads
+        kv = self.kv_b_proj(c_kv_BSC).view(B, S, H, self.nope + self.v_dim)
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)
-        k = torch.cat([k_nope, k_pe_BTR[:, :, None].expand(B, T, H, self.rope)], dim=-1).transpose(1, 2)
-        o = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True, scale=self.softmax_scale)
+        k = torch.cat([k_nope, k_pe_BSR[:, :, None].expand(B, S, H, self.rope)], dim=-1).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), attn_mask=mask_B1TS, is_causal=mask_B1TS is None,
+                                           scale=self.softmax_scale)
         return o.transpose(1, 2)
 
     def _absorbed(self, q_nope, q_pe, latent_BSL, bias_BMS) -> torch.Tensor:

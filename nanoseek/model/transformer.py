@@ -33,6 +33,17 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+    def forward_with_prefix(self, x_p, rope_p, x_c, rope_c, group, mask):
+        """Prefixes and continuations (MLA.forward_with_prefix); the FFN runs once over both token sets."""
+        a_p, a_c = self.self_attn.forward_with_prefix(self.input_layernorm(x_p), rope_p, self.input_layernorm(x_c),
+                                                      rope_c, group, mask)
+        x_p, x_c = x_p + a_p, x_c + a_c
+        x_ND = torch.cat([x_p.flatten(0, 1), x_c.flatten(0, 1)])
+        y_ND = self.mlp(self.post_attention_layernorm(x_ND)[None])[0]
+        n = x_p.shape[0] * x_p.shape[1]
+        return x_p + y_ND[:n].view_as(x_p), x_c + y_ND[n:].view_as(x_c)
+
+
 class SharedHead(nn.Module):
     """The MTP module's final norm; the output projection itself is the main model's lm_head."""
 
@@ -122,6 +133,38 @@ class Transformer(nn.Module):
         for layer in self.model.layers:
             x = layer(x, cos, sin, positions, cache, slots, absorb, bias)
         return self.model.norm(x)
+
+    def prefix_shared_hidden_states(self, prefix_ids: torch.Tensor, prefix_lens: torch.Tensor,
+                                    input_ids: torch.Tensor, group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final-normed hidden states of rows that continue shared prefixes, each prefix computed once (GRPO's
+        G completions of one prompt). Equal to `hidden_states` of the concatenated rows (tests/test_model.py).
+
+        Args:
+            prefix_ids: (N, P) right-padded prefixes; prefix_lens: (N,) their lengths.
+            input_ids: (B, T) right-padded continuations; group: (B,) the prefix each continues.
+        Returns: (N, P, D) for the prefixes and (B, T, D) for the continuations; token t of row b sits at
+            position prefix_lens[group[b]] + t.
+        """
+        self._check_ids(prefix_ids)
+        self._check_ids(input_ids)
+        (N, P), (B, T) = prefix_ids.shape, input_ids.shape
+        dev = input_ids.device
+        lens_B = prefix_lens.to(dev)[group]
+        positions_p = torch.arange(P, device=dev).expand(N, P)
+        positions_c = lens_B[:, None] + torch.arange(T, device=dev)
+        last = int(positions_c.max()) if B and T else P - 1
+        if max(last, P - 1) >= self.cfg.max_position_embeddings:
+            raise ValueError(f"position {max(last, P - 1)} exceeds max_position_embeddings "
+                             f"{self.cfg.max_position_embeddings}")
+        # keys [prefix 0..P-1 ; own 0..T-1]: the prefix's real tokens, then causally the row's own tokens
+        own_TT = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
+        mask = torch.cat([(torch.arange(P, device=dev) < lens_B[:, None])[:, None].expand(B, T, P),
+                          own_TT.expand(B, T, T)], dim=-1)[:, None]
+        x_p, x_c = self.model.embed_tokens(prefix_ids), self.model.embed_tokens(input_ids)
+        rope_p, rope_c = self.rotary(positions_p), self.rotary(positions_c)
+        for layer in self.model.layers:
+            x_p, x_c = layer.forward_with_prefix(x_p, rope_p, x_c, rope_c, group, mask)
+        return self.model.norm(x_p), self.model.norm(x_c)
 
     def mtp_hidden_states(self, h_BTD: torch.Tensor, input_ids: torch.Tensor) -> list[torch.Tensor]:
         """Training-time MTP: for depth k, hidden states at positions 0..T-1-k that predict token i+k+1.

@@ -341,15 +341,16 @@ class GRPOTrainer:
         batches = []
         for s in range(0, len(rows), cfg.micro_batch):
             mb = rows[s:s + cfg.micro_batch]
-            ids, targets, mask, index = pad_batch([ro.prompt_ids[i] for i in mb], [ro.completion_ids[i] for i in mb], dev)
+            scoring = pad_batch([ro.prompt_ids[i] for i in mb], [ro.completion_ids[i] for i in mb], dev)
+            mask = scoring.mask
             if cfg.mask_truncated:  # DAPO overlong filtering
                 mask = mask * torch.tensor([not ro.truncated[i] for i in mb], dtype=mask.dtype, device=dev)[:, None]
-            b = {"ids": ids, "targets": targets, "mask": mask, "index": index, "adv": adv[mb].to(dev), "rows": len(mb)}
+            b = {"scoring": scoring, "mask": mask, "adv": adv[mb].to(dev), "rows": len(mb)}
             with torch.no_grad():
                 if cfg.mu > 1:  # pi_old = the weights that sampled; needed once the first update has moved them
-                    b["old"] = completion_logprobs(model, ids, targets, index, cfg.temperature)[0]
+                    b["old"] = completion_logprobs(model, scoring, cfg.temperature)[0]
                 if self.ref is not None:
-                    b["ref"] = completion_logprobs(self.ref, ids, targets, index, cfg.temperature)[0]
+                    b["ref"] = completion_logprobs(self.ref, scoring, cfg.temperature)[0]
             batches.append(b)
         n_tokens = max(1.0, float(sum(b["mask"].sum() for b in batches)))
         n_rows = len(rows)
@@ -359,8 +360,7 @@ class GRPOTrainer:
         for it in range(cfg.mu):
             total = 0.0
             for b in batches:
-                logp, ent = completion_logprobs(model, b["ids"], b["targets"], b["index"], cfg.temperature,
-                                                with_entropy=it == 0)
+                logp, ent = completion_logprobs(model, b["scoring"], cfg.temperature, with_entropy=it == 0)
                 old = b.get("old", logp.detach())
                 loss, st = grpo_loss(logp, old, b.get("ref"), b["adv"], b["mask"], cfg.eps_low, cfg.eps_high,
                                      cfg.beta, cfg.loss_type, cfg.max_new_tokens,

@@ -8,9 +8,10 @@ Key choices:
   from next step; `sync_engine` is the one place that tells it the weights changed.
 - Each request carries its own seed (derived from the run seed, the step and the prompt's index), so a
   completion depends only on (weights, seed): a resumed run samples exactly what the uninterrupted one did.
-- Log-probabilities: rows are prompt + completion, right-padded (causal attention never looks right,
-  so padding cannot change a real token); only the hidden states at the C completion positions go
-  through lm_head, which avoids the prompt's (B, P, V) logits. Logits are divided by the sampling
+- Log-probabilities: each distinct prompt runs through the model once and its G completions attend to
+  its latents (`Transformer.prefix_shared_hidden_states`), so the training forward does not repeat the
+  prompt G times; prompts and completions are right-padded (masked keys, causal attention). Only the
+  hidden states that predict completion tokens go through lm_head. Logits are divided by the sampling
   temperature, as TRL does, so log pi_theta is the distribution that was sampled at T != 1.
 """
 
@@ -92,44 +93,61 @@ def sync_engine(llm: LLM) -> None:
             hook()
 
 
-def pad_batch(prompt_ids: Sequence[list[int]], completion_ids: Sequence[list[int]],
-              device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded prompt+completion rows for `completion_logprobs`.
+@dataclass
+class ScoringBatch:
+    """Completions under their prompts, right-padded, for `completion_logprobs`; each distinct prompt once.
 
-    Returns:
-        ids (B, S), completion targets (B, C), mask (B, C) (1 on real completion tokens) and the index
-        (B, C) of the position whose hidden state predicts each completion token (P_b - 1 + t).
+    Attributes:
+        prompt_ids: (N, P) the distinct prompts; prompt_lens: (N,) their lengths.
+        completion_ids: (B, C) the completions, also the targets; group: (B,) the prompt of each.
+        mask: (B, C) 1 on real completion tokens.
     """
-    B = len(prompt_ids)
-    S = max(len(p) + len(c) for p, c in zip(prompt_ids, completion_ids))
+
+    prompt_ids: torch.Tensor
+    prompt_lens: torch.Tensor
+    completion_ids: torch.Tensor
+    group: torch.Tensor
+    mask: torch.Tensor
+
+
+def pad_batch(prompt_ids: Sequence[list[int]], completion_ids: Sequence[list[int]],
+              device: torch.device | str = "cpu") -> ScoringBatch:
+    """Group completions under their distinct prompts (equal token lists are one prompt) and pad both."""
+    groups: dict[tuple[int, ...], int] = {}
+    group = [groups.setdefault(tuple(p), len(groups)) for p in prompt_ids]
+    prompts = list(groups)
+    P, B = max(map(len, prompts)), len(completion_ids)
     C = max(1, max(len(c) for c in completion_ids))
-    ids = torch.zeros(B, S, dtype=torch.long)
-    targets = torch.zeros(B, C, dtype=torch.long)
+    pids = torch.zeros(len(prompts), P, dtype=torch.long)
+    cids = torch.zeros(B, C, dtype=torch.long)
     mask = torch.zeros(B, C)
-    for b, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
-        ids[b, :len(p) + len(c)] = torch.tensor(p + c, dtype=torch.long)
-        targets[b, :len(c)] = torch.tensor(c, dtype=torch.long)
+    for n, p in enumerate(prompts):
+        pids[n, :len(p)] = torch.tensor(p, dtype=torch.long)
+    for b, c in enumerate(completion_ids):
+        cids[b, :len(c)] = torch.tensor(c, dtype=torch.long)
         mask[b, :len(c)] = 1.0
-    plen = torch.tensor([len(p) for p in prompt_ids])
-    # predictor position of completion token t is P - 1 + t; clamp keeps padded t inside the row
-    index = (plen[:, None] - 1 + torch.arange(C)[None]).clamp(max=S - 1)
-    return ids.to(device), targets.to(device), mask.to(device), index.to(device)
+    return ScoringBatch(pids.to(device), torch.tensor([len(p) for p in prompts], device=device), cids.to(device),
+                        torch.tensor(group, device=device), mask.to(device))
 
 
-def completion_logprobs(model: Transformer, ids: torch.Tensor, targets: torch.Tensor, index: torch.Tensor,
-                        temperature: float = 1.0, with_entropy: bool = False
-                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def completion_logprobs(model: Transformer, batch: ScoringBatch, temperature: float = 1.0,
+                        with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log pi(target_t | prefix) (B, C) for every completion position, and optionally the entropy (B, C).
 
-    Gradients flow when called outside no_grad. The entropy is detached (for logging only).
+    Each prompt runs through the model once for all its completions (`prefix_shared_hidden_states`): with
+    G = 8 that removes most prompt tokens from the training forward. Gradients flow when called outside
+    no_grad. The entropy is detached (for logging only).
     """
-    h_BSD = model.hidden_states(ids)
-    h_BCD = h_BSD.gather(1, index[..., None].expand(-1, -1, h_BSD.shape[-1]))
+    h_p, h_c = model.prefix_shared_hidden_states(batch.prompt_ids, batch.prompt_lens, batch.completion_ids,
+                                                 batch.group)
+    # completion token 0 is predicted at the prompt's last position, token t > 0 at completion position t-1
+    h_last = h_p[batch.group, batch.prompt_lens[batch.group] - 1]
+    h_BCD = torch.cat([h_last[:, None], h_c[:, :-1]], dim=1)
     logits = model.lm_head(h_BCD).float()
     if temperature != 1.0:
         logits = logits / temperature
     lse = torch.logsumexp(logits, dim=-1)
-    logp = logits.gather(-1, targets[..., None]).squeeze(-1) - lse
+    logp = logits.gather(-1, batch.completion_ids[..., None]).squeeze(-1) - lse
     entropy = None
     if with_entropy:
         with torch.no_grad():
