@@ -69,10 +69,7 @@ class MLA(nn.Module):
         """
         B, T, _ = x_BTD.shape
         H, C, R = self.n_heads, self.kv_rank, self.rope
-        q_in = self.q_a_layernorm(self.q_a_proj(x_BTD)) if self.q_lora else x_BTD
-        kv_raw, k_pe = self.kv_a_proj_with_mqa(x_BTD).split([C, R], dim=-1)
-        # [c_KV ; k_pe]: the cached row, and the absorbed path's single key head
-        latent_BTL = torch.cat([self.kv_a_layernorm(kv_raw), apply_rope(k_pe, cos, sin)], dim=-1)
+        q_in, latent_BTL = self._inputs(x_BTD, cos, sin)
         if cache is not None:
             cache.write(self.layer_idx, slots_B, positions_BT, latent_BTL)
         if not absorb:
@@ -108,9 +105,7 @@ class MLA(nn.Module):
         H, C, R = self.n_heads, self.kv_rank, self.rope
         out, prefix_NPL = [], None
         for x, (cos, sin) in ((x_NPD, rope_p), (x_BTD, rope_c)):
-            q_in = self.q_a_layernorm(self.q_a_proj(x)) if self.q_lora else x
-            kv_raw, k_pe = self.kv_a_proj_with_mqa(x).split([C, R], dim=-1)
-            latent = torch.cat([self.kv_a_layernorm(kv_raw), apply_rope(k_pe, cos, sin)], dim=-1)
+            q_in, latent = self._inputs(x, cos, sin)
             keys, mask = (latent, None) if prefix_NPL is None else (torch.cat([prefix_NPL[group_B], latent], 1), mask_B1TS)
             prefix_NPL = latent if prefix_NPL is None else prefix_NPL
             q_nope, q_pe = self._q(q_in, cos, sin)
@@ -121,6 +116,13 @@ class MLA(nn.Module):
     def invalidate_caches(self) -> None:
         """Drop the folded projections; they are rebuilt from the current weights on the next decode."""
         self._folded = None
+
+    def _inputs(self, x_BTD, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        """The query path's input (q-lora: normalized c_Q) and [c_KV ; k_pe] (B, T, C + R): the cached row
+        and the absorbed path's single key head."""
+        q_in = self.q_a_layernorm(self.q_a_proj(x_BTD)) if self.q_lora else x_BTD
+        kv_raw, k_pe = self.kv_a_proj_with_mqa(x_BTD).split([self.kv_rank, self.rope], dim=-1)
+        return q_in, torch.cat([self.kv_a_layernorm(kv_raw), apply_rope(k_pe, cos, sin)], dim=-1)
 
     def _q(self, q_in, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-head queries (B, T, H, nope) and rotated (B, T, H, rope)."""
