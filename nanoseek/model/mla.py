@@ -73,10 +73,7 @@ class MLA(nn.Module):
         if cache is not None:
             cache.write(self.layer_idx, slots_B, positions_BT, latent_BTL)
         if not absorb:
-            q_nope, q_pe = self._q(q_in, cos, sin)
-            c_kv_BTC, k_pe_BTR = latent_BTL.split([C, R], dim=-1)
-            o_BTHV = self._naive(q_nope, q_pe, c_kv_BTC, k_pe_BTR)
-            return self.o_proj(o_BTHV.reshape(B, T, H * self.v_dim))
+            return self._naive_out(q_in, cos, sin, latent_BTL)
         if cache is not None:
             length = bias_BMS.shape[-1] if bias_BMS is not None else int(positions_BT.max()) + 1
             latent_BSL = cache.read(self.layer_idx, slots_B, length, B).to(x_BTD.dtype)
@@ -102,16 +99,11 @@ class MLA(nn.Module):
         group_B[b]: the prefixes attend causally to themselves; a continuation attends to its prefix's
         latents, computed once for all rows that share it, then to itself (`mask_B1TS`, True = visible,
         keys = [prefix ; continuation]). Returns the outputs (N, P, D) and (B, T, D)."""
-        H, C, R = self.n_heads, self.kv_rank, self.rope
-        out, prefix_NPL = [], None
-        for x, (cos, sin) in ((x_NPD, rope_p), (x_BTD, rope_c)):
-            q_in, latent = self._inputs(x, cos, sin)
-            keys, mask = (latent, None) if prefix_NPL is None else (torch.cat([prefix_NPL[group_B], latent], 1), mask_B1TS)
-            prefix_NPL = latent if prefix_NPL is None else prefix_NPL
-            q_nope, q_pe = self._q(q_in, cos, sin)
-            o = self._naive(q_nope, q_pe, *keys.split([C, R], dim=-1), mask)
-            out.append(self.o_proj(o.reshape(*x.shape[:2], H * self.v_dim)))
-        return out[0], out[1]
+        q_in_p, latent_NPL = self._inputs(x_NPD, *rope_p)
+        q_in_c, latent_BTL = self._inputs(x_BTD, *rope_c)
+        out_p = self._naive_out(q_in_p, *rope_p, latent_NPL)
+        out_c = self._naive_out(q_in_c, *rope_c, torch.cat([latent_NPL[group_B], latent_BTL], dim=1), mask_B1TS)
+        return out_p, out_c
 
     def invalidate_caches(self) -> None:
         """Drop the folded projections; they are rebuilt from the current weights on the next decode."""
@@ -129,6 +121,13 @@ class MLA(nn.Module):
         q = self.q_b_proj(q_in) if self.q_lora else self.q_proj(q_in)
         q_nope, q_pe = q.unflatten(-1, (self.n_heads, self.nope + self.rope)).split([self.nope, self.rope], -1)
         return q_nope, apply_rope(q_pe, cos, sin)
+
+    def _naive_out(self, q_in, cos, sin, latent_BSL, mask_B1TS=None) -> torch.Tensor:
+        """Naive-path output (B, T, D) of the queries from q_in over the keys expanded from latent_BSL."""
+        B, T = q_in.shape[:2]
+        q_nope, q_pe = self._q(q_in, cos, sin)
+        o_BTHV = self._naive(q_nope, q_pe, *latent_BSL.split([self.kv_rank, self.rope], dim=-1), mask_B1TS)
+        return self.o_proj(o_BTHV.reshape(B, T, self.n_heads * self.v_dim))
 
     def _naive(self, q_nope, q_pe, c_kv_BSC, k_pe_BSR, mask_B1TS=None) -> torch.Tensor:
         """Per-head attention of T queries over S keys expanded from the latent: causal (S = T) without a

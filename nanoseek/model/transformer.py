@@ -147,15 +147,11 @@ class Transformer(nn.Module):
         """
         self._check_ids(prefix_ids)
         self._check_ids(input_ids)
-        (N, P), (B, T) = prefix_ids.shape, input_ids.shape
+        P, (B, T) = prefix_ids.shape[1], input_ids.shape
         dev = input_ids.device
         lens_B = prefix_lens.to(dev)[group]
-        positions_p = torch.arange(P, device=dev).expand(N, P)
-        positions_c = lens_B[:, None] + torch.arange(T, device=dev)
-        last = int(positions_c.max()) if B and T else P - 1
-        if max(last, P - 1) >= self.cfg.max_position_embeddings:
-            raise ValueError(f"position {max(last, P - 1)} exceeds max_position_embeddings "
-                             f"{self.cfg.max_position_embeddings}")
+        positions_p = self._prepare(prefix_ids, None, None, None, False)[0]   # range checks of both
+        positions_c = self._prepare(input_ids, lens_B[:, None] + torch.arange(T, device=dev), None, None, False)[0]
         # keys [prefix 0..P-1 ; own 0..T-1]: the prefix's real tokens, then causally the row's own tokens
         own_TT = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
         mask = torch.cat([(torch.arange(P, device=dev) < lens_B[:, None])[:, None].expand(B, T, P),
