@@ -20,8 +20,8 @@ import nanoseek
 from nanoseek.config import ConfigError
 from nanoseek.data import default_corpus, train_tokenizer
 from nanoseek.infer import LLM, SamplingParams
-from nanoseek.rl.grpo import GRPOConfig, GRPOTrainer
-from nanoseek.rl.rollout import completion_logprobs, pad_batch
+from nanoseek.rl.grpo import GRPOConfig, GRPOTrainer, equation_credit
+from nanoseek.rl.rollout import Rollout, completion_logprobs, pad_batch
 
 TIMING = {"gen_time", "train_time", "step_time", "gen_tokens_per_s", "tokens_per_s"}
 
@@ -152,6 +152,61 @@ def test_zero_variance_groups_are_filtered(init_dir, tmp_path):
     tr = trainer(init_dir, tmp_path / "keep", toy_cfg(steps=1, rewards={"const": 1.0}, filter_zero_variance=False),
                  reward_fns={"const": constant})
     assert tr.step()["trained_completions"] == 32
+
+
+def low_ids_but_flat_on_arithmetic(completions, examples=None, completion_ids=None, **_):
+    """low_id_share, except a constant on arithmetic problems: their groups have zero variance."""
+    low = low_id_share(completions, completion_ids=completion_ids)
+    return [1.0 if ex.task == "arithmetic" else r for ex, r in zip(examples, low)]
+
+
+def test_dynamic_sampling_refills_dropped_groups(init_dir, tmp_path):
+    fns = {"mixed": low_ids_but_flat_on_arithmetic}
+    plain = trainer(init_dir, tmp_path / "plain", toy_cfg(steps=1, rewards={"mixed": 1.0}), reward_fns=fns).step()
+    assert plain["rollout_prompts"] == 4 and 0 < plain["trained_completions"] < 32   # arithmetic groups dropped
+    runs = [trainer(init_dir, tmp_path / f"dyn{i}", toy_cfg(steps=1, rewards={"mixed": 1.0}, dynamic_sampling=3),
+                    reward_fns=fns).step() for i in range(2)]
+    assert runs[0]["rollout_prompts"] > 4 and runs[0]["trained_completions"] == 32  # refilled to 4 groups
+    assert {k: v for k, v in runs[0].items() if k not in TIMING} == {k: v for k, v in runs[1].items() if k not in TIMING}
+    never = trainer(init_dir, tmp_path / "const", toy_cfg(steps=1, rewards={"const": 1.0}, dynamic_sampling=2),
+                    reward_fns={"const": constant}).step()
+    assert never["rollout_prompts"] > 4 and never["trained_completions"] == 0        # gives up after 2 rounds
+
+
+def test_equation_credit_lands_on_the_equation_tokens(init_dir):
+    tok = nanoseek.data.tokenizer.Tokenizer.load(init_dir)
+    texts = ["<think>So 3x = 11 - 8 = 6 and x = 6 / 3 = 2.</think><answer>2</answer>",
+             "<think>So 3x = 11 - 8 = 3 and x = 3 / 3 = 1.</think><answer>1</answer>"]
+    ids = [tok.encode(t) + [tok.eos_id] for t in texts]
+    credit = equation_credit(ids, tok, group_size=2)
+
+    def marked(row):  # {credit: the text of the tokens that got it}
+        out = {}
+        for i, v in zip(ids[row], credit[row]):
+            if v:
+                out.setdefault(round(v, 3), []).append(i)
+        return {v: tok.decode(i).strip() for v, i in out.items()}
+
+    # steps [0, 1] and [1, 1]: mean 0.75, sample std 0.5 -> -1.5 for "11 - 8 = 6", +0.5 for the three others
+    assert marked(0) == {-1.5: "11 - 8 = 6", 0.5: "6 / 3 = 2"}
+    assert marked(1) == {0.5: "11 - 8 = 3 3 / 3 = 1"}
+    assert equation_credit(ids[1:] * 2, tok, group_size=2) == [[0.0] * len(ids[1])] * 2  # all steps hold: no credit
+
+
+def test_equation_credit_trains_groups_with_equal_outcomes(init_dir, tmp_path, monkeypatch):
+    texts = ["<think>11 - 8 = 6</think><answer>1</answer>", "<think>11 - 8 = 3</think><answer>1</answer>"] * 2
+    for weight in (0.0, 1.0):
+        tr = trainer(init_dir, tmp_path / str(weight), toy_cfg(steps=1, prompts_per_step=1, group_size=4,
+                     rewards={"const": 1.0}, equation_credit=weight), reward_fns={"const": constant})
+        prompt = tr.prompts[0]
+        ids = [tr.tokenizer.encode(t) + [tr.tokenizer.eos_id] for t in texts]
+        problem = {"question": "Compute 11 - 8.", "answer": "3"}  # the equations' numbers are grounded in it
+        fake = Rollout([prompt] * 4, ids, texts, [False] * 4, [problem] * 4, sum(map(len, ids)))
+        monkeypatch.setattr(tr, "_rollout", lambda idx, first_index, fake=fake: (fake, tr.reward(texts, fake.problems)))
+        w = tr.model.lm_head.weight.detach().clone()
+        row = tr.step()
+        assert row["frac_reward_zero_std"] == 1.0 and row["trained_completions"] == 4 * (weight > 0)
+        assert torch.equal(tr.model.lm_head.weight, w) == (weight == 0)
 
 
 def test_resume_repeats_the_uninterrupted_run(init_dir, tmp_path):

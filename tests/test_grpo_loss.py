@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from nanoseek.rl import group_advantages, grpo_loss, reflection_share, token_entropy, zero_variance_mask
+from nanoseek.rl.grpo_loss import step_advantages
 
 SEED_REWARDS = [1.0, 0.7, 1.0, 0.0]  # the seed text's derivative example (mean 0.675)
 
@@ -119,6 +120,29 @@ def test_clipped_tokens_get_no_gradient():
     assert g[0, 0].item() == pytest.approx(-1.0 * 1.0 / 3 / 2)
     assert g[0, 2].item() == pytest.approx(-1.0 * 0.5 / 3 / 2)
     assert g[1, 0].item() == pytest.approx(2.0 * 1.1 / 2 / 2)
+
+
+def test_token_advantages():
+    logp, old, ref, adv, mask = inputs()
+    for loss_type in ("grpo", "dapo", "dr_grpo"):
+        a = grpo_loss(logp, old, ref, adv, mask, loss_type=loss_type, max_completion_length=4)[0]
+        b = grpo_loss(logp, old, ref, adv[:, None].expand(logp.shape), mask, loss_type=loss_type,
+                      max_completion_length=4)[0]
+        assert a.item() == pytest.approx(b.item())
+    per_token = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])  # only the first token moves
+    logp = logp.detach().requires_grad_()
+    grpo_loss(logp, old, ref, per_token, mask, loss_type="grpo")[0].backward()
+    assert torch.count_nonzero(logp.grad).item() == 1 and logp.grad[0, 0].item() == pytest.approx(-1.0 / 3 / 2)
+
+
+def test_step_advantages():
+    # group 1: steps [0, 1], [1], [], [1]: mean 0.75, sample std 0.5; group 2 all equal -> zeros
+    out = step_advantages([[0.0, 1.0], [1.0], [], [1.0], [1.0], [1.0, 1.0], [], []], group_size=4, eps=0.0)
+    assert out[:4] == [pytest.approx([-1.5, 0.5]), pytest.approx([0.5]), [], pytest.approx([0.5])]
+    assert out[4:] == [[0.0], [0.0, 0.0], [], []]
+    assert step_advantages([[1.0], [], [], []], group_size=4) == [[0.0], [], [], []]  # one step: no spread
+    with pytest.raises(ValueError, match="groups"):
+        step_advantages([[1.0]] * 3, group_size=2)
 
 
 def test_k3_kl_in_the_loss():

@@ -6,8 +6,8 @@ import time
 import pytest
 
 from nanoseek.data import Example, generate, r1_completion
-from nanoseek.rl import (REWARDS, accuracy_reward, combine, cosine_length_reward, final_answer, format_reward,
-                         get_reward, gold_text, language_consistency_reward, math_equal, repetition_penalty_reward,
+from nanoseek.rl import (REWARDS, accuracy_reward, combine, cosine_length_reward, equation_reward, equations,
+                         final_answer, format_reward, get_reward, gold_text, language_consistency_reward, math_equal, repetition_penalty_reward,
                          soft_overlong_reward)
 
 
@@ -195,10 +195,46 @@ def test_repetition_penalty():
     assert r == pytest.approx([-0.25, 0.0, 0.0, 0.0, -2 / 3])
 
 
+@pytest.mark.parametrize("task", ["arithmetic", "countdown", "linear"])
+def test_every_equation_of_a_worked_solution_holds(task):
+    for ex in [e for level in (1, 2, 3) for e in generate(task, "train", 40, difficulty=level, seed=1)]:
+        checks = equations(ex.solution, ex.question)  # true, and every input is in the question or derived
+        assert checks and all(checks), ex.solution
+        assert equation_reward([r1_completion(ex)], [ex]) == [1.0]
+
+
+def test_equations_by_hand():
+    # a chain gives one equation per "=" with arithmetic on both sides; "3x" is not a number
+    assert equations("Subtract 8 from both sides: 3x = 11 - 8 = 6.\nDivide: x = 6 / 3 = 2.") == [False, True]
+    assert equations("Check: 3 * 2 + 8 = 14, and (9 - 1) / 4 = 2 yes") == [True, True]
+    assert equations("7 / 2 = 3") == [False]                  # exact division, no rounding
+    assert equations("5 / 0 = 1, then 2 + 2 = 4") == [False, True]
+    assert equations("x = 4 and 12 = 12 and 2 + = 3") == []   # no operator, or not an expression
+    assert equations("a = __import__('os') - 1 = 2") == []   # a letter touches the side: never parsed, never run
+    assert equations("-3 + 5 = 2") == [True]
+    right = "<think>\n2 * 7 = 14, so 14 + 6 = 21.\n</think>\n<answer>21</answer>"
+    assert equation_reward([right, "<think>no sums here</think><answer>1</answer>", "2 + 2 = 4", ""]) == [
+        0.5, 0.0, 0.0, 0.0]                                   # only a closed think block counts
+    assert equation_reward(["2 + 2 = 4</think><answer>4</answer>"], think_opened=True) == [1.0]
+
+
+def test_equations_grounded_in_the_question():
+    question = "Solve for x: 4x + 10 = 38."
+    solved = "Subtract 10: 4x = 38 - 10 = 28.\nDivide: x = 28 / 4 = 7.\nCheck: 4 * 7 + 10 = 38."
+    idle = "Subtract 10: 5x = 15 - 10 = 0.\nDivide: x = 0 / 5 = 0.\nCheck: 5 * 0 + 1 = 1."  # true, unrelated
+    assert equations(solved, question) == [True, True, True]
+    assert equations(idle) == [False, True, True] and equations(idle, question) == [False, False, False]
+    # a wrong result still grounds the steps that use it: the slip is charged once, where it happened
+    assert equations("38 - 10 = 27, 27 + 10 = 37", question) == [False, True]
+    ex = {"question": question, "answer": "7"}
+    assert equation_reward([f"<think>{solved}</think><answer>7</answer>",
+                            f"<think>{idle}</think><answer>0</answer>"], [ex, ex]) == [1.0, 0.0]
+
+
 # ---------------------------------------------------------------------------------- registry, combine
 
 def test_registry_and_combine(arithmetic):
-    assert {"accuracy", "format", "language", "soft_overlong", "cosine", "repetition"} <= set(REWARDS)
+    assert {"accuracy", "format", "language", "soft_overlong", "cosine", "repetition", "equations"} <= set(REWARDS)
     with pytest.raises(KeyError, match="known rewards"):
         get_reward("nope")
     right = r1_completion(arithmetic)

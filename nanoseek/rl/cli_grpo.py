@@ -25,6 +25,10 @@ def add_parsers(sub) -> None:
     p.add_argument("--loss-type", choices=["dapo", "grpo", "dr_grpo"], default=None, help="loss aggregation (default: dapo)")
     p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: 4e-5)")
     p.add_argument("--mu", type=int, default=None, help="optimizer updates per rollout (default: 1)")
+    p.add_argument("--equation-credit", type=float, default=None, metavar="WEIGHT",
+                   help="per-step credit from checking each equation the completion writes (default: 0, off)")
+    p.add_argument("--dynamic-sampling", type=int, default=None, metavar="ROUNDS",
+                   help="extra rollout rounds per step that replace zero-variance groups (DAPO; default: 0, off)")
     p.add_argument("--seed", type=int, default=None, help="problem order and sampling seed (default: 0)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
@@ -39,7 +43,8 @@ def cmd_grpo(args) -> None:
     cfg = GRPOConfig.load(args.config, tasks=args.tasks, data=args.data, template=args.template, steps=args.steps,
                           group_size=args.group_size, prompts_per_step=args.prompts_per_step,
                           max_new_tokens=args.max_new_tokens, beta=args.beta, loss_type=args.loss_type, lr=args.lr,
-                          mu=args.mu, seed=args.seed, threads=args.threads)
+                          mu=args.mu, equation_credit=args.equation_credit,
+                          dynamic_sampling=args.dynamic_sampling, seed=args.seed, threads=args.threads)
     trainer = GRPOTrainer(cfg, args.init, args.out, resume=args.resume, progress=not args.no_progress)
     last = trainer.fit()
     if last:

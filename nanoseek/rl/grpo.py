@@ -16,15 +16,28 @@ Key choices (defaults in GRPOConfig, reasons next to each field):
   by the completion tokens of the whole step; "grpo"/"dr_grpo" scale each micro-batch's mean by its
   share of the rows.
 - Zero-variance groups (all G rewards equal) have advantage 0. `filter_zero_variance` drops them from
-  the update (saves their forward/backward and keeps them out of the "dapo" token count); unlike DAPO's
-  dynamic sampling we do not sample replacement prompts, so a step may train on fewer groups.
-- The problem order is a pure function of (seed, step) and every request has its own sampling seed,
-  so a resumed run repeats exactly what the uninterrupted one would have done.
+  the update (saves their forward/backward and keeps them out of the "dapo" token count). With
+  `dynamic_sampling` > 0 the step then samples replacement prompts, up to that many extra rounds, until
+  `prompts_per_step` groups with reward variance are in hand (DAPO §3.2); the update takes the first
+  that many. Otherwise a step may train on fewer groups.
+- Outcome rewards give every token of a completion the same advantage, so a right step inside a wrong
+  solution is pushed down with it; for the miniature models, whose arithmetic facts are uncertain, that
+  measurably unlearns facts (docs/r1_report.md). `equation_credit` adds process supervision from a rule
+  instead of a reward model: every "A = B" the completion writes is checked exactly (and must use numbers
+  from the question or from earlier results, or a weak policy learns to write true but idle equations),
+  and DeepSeekMath's normalised step rewards (§4.1.3) go to that equation's tokens only, not to every
+  earlier token (its A_{i,t} = sum of the rewards of the steps ending at or after t), because each
+  equation here is checkable on its own.
+- The problem order is a pure function of (seed, step) (refills: of (seed, step, round), from a stream of
+  their own) and every request has its own sampling seed, so a resumed run repeats exactly what the
+  uninterrupted one would have done.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import itertools
 import math
 import os
 import time
@@ -44,9 +57,10 @@ from ..train.metrics import MetricsLog, read_jsonl
 from ..train.schedule import lr_at
 from ..train.state import list_checkpoints, load_trainer_state, save_checkpoint, save_model_dir
 from ..train.trainer import optimizer_step
-from .data import TEMPLATES, load_problems, prompt_ids, prompt_text, task_examples, task_of
-from .grpo_loss import LOSS_TYPES, group_advantages, grpo_loss, reflection_share, zero_variance_mask
-from .rewards import REWARDS, RewardFunction, accuracy_reward, combine, get_reward
+from .data import TEMPLATES, load_problems, prompt_ids, prompt_text, question_of, task_examples, task_of
+from .grpo_loss import (LOSS_TYPES, group_advantages, grpo_loss, reflection_share, step_advantages,
+                        zero_variance_mask)
+from .rewards import REWARDS, RewardFunction, RewardScores, accuracy_reward, combine, equation_spans, get_reward
 from .rollout import Rollout, completion_logprobs, pad_batch, sample_groups, sync_engine
 
 SCALE_REWARDS = ("group", "batch", "none")
@@ -87,6 +101,14 @@ class GRPOConfig:
         scale_rewards: advantage std scaling: "group" (GRPO, TRL default), "batch" (the batch std) or
             "none" (Dr. GRPO: r - group mean). The std is the sample std, as TRL's.
         filter_zero_variance: drop groups whose rewards are all equal from the update (see module doc).
+        equation_credit: weight of per-step credit from the rule check of each integer equation in a completion
+            (rewards.equation_spans, grounded in the question; 0 disables): step reward 1 if it holds, else 0,
+            normalised over the group's steps (DeepSeekMath §4.1.3 process supervision) and added, times this
+            weight, to the outcome advantage of that equation's tokens only. A group then carries a learning
+            signal when its outcomes or its steps differ. See the module doc.
+        dynamic_sampling: with filter_zero_variance, up to this many extra rollout rounds per step that sample
+            replacement prompts for the dropped groups (DAPO's dynamic sampling); 0 disables. Each round
+            samples as many prompts as are still missing, divided by the share of groups kept so far.
         mask_truncated: exclude completions cut at max_new_tokens from the loss (DAPO overlong filtering).
         max_num_seqs: sequences the engine decodes at once (0: all of a step, prompts_per_step x G).
         save_every: steps between checkpoints (0: only at the end); keep_checkpoints: how many to keep.
@@ -123,6 +145,8 @@ class GRPOConfig:
     loss_type: str = "dapo"
     scale_rewards: str = "group"
     filter_zero_variance: bool = True
+    equation_credit: float = 0.0
+    dynamic_sampling: int = 0
     mask_truncated: bool = False
     max_num_seqs: int = 0
     save_every: int = 50
@@ -146,7 +170,7 @@ class GRPOConfig:
         for name in ("n_train_problems", "steps", "prompts_per_step", "group_size", "max_new_tokens", "mu",
                      "micro_batch", "keep_checkpoints"):
             req(is_int(getattr(self, name)) and getattr(self, name) > 0, name, "must be a positive int")
-        for name in ("warmup", "max_num_seqs", "save_every", "threads", "seed"):
+        for name in ("warmup", "max_num_seqs", "save_every", "threads", "seed", "dynamic_sampling"):
             req(is_int(getattr(self, name)) and getattr(self, name) >= 0, name, "must be an int >= 0")
         req(self.group_size >= 2, "group_size", "must be >= 2 (advantages compare completions within a group)")
         req(self.max_num_seqs == 0 or self.max_num_seqs >= self.group_size, "max_num_seqs",
@@ -178,6 +202,7 @@ class GRPOConfig:
         req(is_num(self.eps_low) and 0 <= self.eps_low < 1, "eps_low", "must be in [0, 1)")
         req(is_num(self.eps_high) and self.eps_high >= 0, "eps_high", "must be >= 0")
         req(is_num(self.beta) and self.beta >= 0, "beta", "must be >= 0")
+        req(is_num(self.equation_credit) and self.equation_credit >= 0, "equation_credit", "must be >= 0")
         req(self.loss_type in LOSS_TYPES, "loss_type", f"must be one of {LOSS_TYPES}")
         req(self.scale_rewards in SCALE_REWARDS, "scale_rewards", f"must be one of {SCALE_REWARDS}")
         for name in ("filter_zero_variance", "mask_truncated", "tensorboard"):
@@ -271,45 +296,84 @@ class GRPOTrainer:
                           f"room for max_new_tokens={cfg.max_new_tokens}", stacklevel=3)
         return [problems[i] for i in keep], [prompts[i] for i in keep]
 
-    def batch_indices(self, step: int) -> list[int]:
-        """Problem indices of `step`: epochs of seeded permutations, walked in order (pure in (seed, step))."""
+    def batch_indices(self, step: int, refill_round: int = 0, count: int | None = None) -> list[int]:
+        """Problem indices of `step` (refill_round 0) or of one of its refill rounds: epochs of seeded
+        permutations walked in order, one stream for the steps and one for the refills (pure in
+        (seed, step, refill_round))."""
         n, P = len(self.problems), self.cfg.prompts_per_step
-        out, pos = [], step * P
-        while len(out) < P:
+        count = P if count is None else count
+        stream = 0 if refill_round == 0 else 1_000_003
+        # a refill round's slot in its stream: wide enough for any count it can ask for
+        pos = step * P if refill_round == 0 else (step * self.cfg.dynamic_sampling + refill_round - 1) * 4 * P
+        out = []
+        while len(out) < count:
             epoch, offset = divmod(pos, n)
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed * 7919 + epoch))
-            take = perm[offset:offset + P - len(out)].tolist()
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed * 7919 + epoch + stream))
+            take = perm[offset:offset + count - len(out)].tolist()
             out += take
             pos += len(take)
         return out
 
     # ---- one step -------------------------------------------------------------------------------
     def step(self) -> dict:
-        """One rollout + `mu` updates; returns the metrics row (also appended to metrics.jsonl by fit)."""
-        cfg, G = self.cfg, self.cfg.group_size
+        """One rollout (plus refill rounds under dynamic sampling) + `mu` updates; returns the metrics row
+        (also appended to metrics.jsonl by fit)."""
+        cfg, G, P = self.cfg, self.cfg.group_size, self.cfg.prompts_per_step
         t0 = time.perf_counter()
-        idx = self.batch_indices(self.global_step)
-        ro = sample_groups(self.llm, [self.prompts[i] for i in idx], [self.problems[i] for i in idx], G,
-                           cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed, self.global_step)
+        ro, scores = self._rollout(self.batch_indices(self.global_step), first_index=0)
+        rewards, adv, credit, signal = self._advantages(ro, scores)
+        refill = 0
+        while cfg.filter_zero_variance and refill < cfg.dynamic_sampling:
+            kept = int(signal.sum()) // G
+            if kept >= P:
+                break
+            refill += 1
+            # ask for the missing groups divided by the share kept so far (at least one in four)
+            count = min(4 * P, math.ceil((P - kept) * len(ro) / max(kept * G, len(ro) / 4)))
+            extra, extra_scores = self._rollout(self.batch_indices(self.global_step, refill, count),
+                                                first_index=len(ro) // G)
+            ro, scores = ro + extra, RewardScores(scores.total + extra_scores.total,
+                                                  {k: v + extra_scores.per_reward[k] for k, v in scores.per_reward.items()})
+            rewards, adv, credit, signal = self._advantages(ro, scores)
         t_gen = time.perf_counter() - t0
 
-        scores = self.reward(ro.texts, ro.problems, completion_ids=ro.completion_ids,
-                             completion_lengths=[len(c) for c in ro.completion_ids], tokenizer=self.tokenizer,
-                             think_opened=self.think_opened)
-        rewards = torch.tensor(scores.total, dtype=torch.float32)
-        adv = group_advantages(rewards, G, scale_std=cfg.scale_rewards != "none",
-                               level="batch" if cfg.scale_rewards == "batch" else "group")
-        zero = zero_variance_mask(rewards, G)
-        rows = [i for i in range(len(ro)) if not (cfg.filter_zero_variance and zero[i])]
-        row = self._rollout_metrics(ro, scores, rewards, zero)
+        rows = [i for i in range(len(ro)) if signal[i] or not cfg.filter_zero_variance]
+        if refill:
+            rows = rows[:P * G]  # the first prompts_per_step groups with a learning signal
+        row = self._rollout_metrics(ro, scores, rewards, zero_variance_mask(rewards, G))
         row["lr"] = lr_at(self.global_step, cfg.steps, cfg.lr, cfg.warmup, cfg.lr_schedule)
-        row.update(self._update(ro, adv, rows, row["lr"]) if rows else {"loss": 0.0, "grad_norm": 0.0})
-        row["trained_completions"] = len(rows)
+        row.update(self._update(ro, adv, credit, rows, row["lr"]) if rows else {"loss": 0.0, "grad_norm": 0.0})
+        row.update(trained_completions=len(rows), rollout_prompts=len(ro) // G)
         self.global_step += 1
         t_all = time.perf_counter() - t0
         row.update(step=self.global_step, gen_time=t_gen, train_time=t_all - t_gen, step_time=t_all,
                    gen_tokens_per_s=ro.gen_tokens / max(t_gen, 1e-9), tokens_per_s=ro.gen_tokens / max(t_all, 1e-9))
         return {"step": row.pop("step"), **row}
+
+    def _advantages(self, ro: Rollout, scores: RewardScores):
+        """(rewards (R,), outcome advantages (R,), per-token equation credit (a list per row, or None when
+        equation_credit is 0), signal (R,) bool: the row's group has outcome variance or some step credit)."""
+        cfg, G = self.cfg, self.cfg.group_size
+        rewards = torch.tensor(scores.total, dtype=torch.float32)
+        adv = group_advantages(rewards, G, scale_std=cfg.scale_rewards != "none",
+                               level="batch" if cfg.scale_rewards == "batch" else "group")
+        signal = ~zero_variance_mask(rewards, G)
+        credit = None
+        if cfg.equation_credit:
+            credit = equation_credit(ro.completion_ids, self.tokenizer, G, [question_of(p) for p in ro.problems])
+            stepped = torch.tensor([any(c) for c in credit]).view(-1, G).any(dim=1).repeat_interleave(G)
+            signal = signal | stepped
+        return rewards, adv, credit, signal
+
+    def _rollout(self, idx: list[int], first_index: int) -> tuple[Rollout, RewardScores]:
+        """G samples for each problem in idx and their rewards."""
+        cfg = self.cfg
+        ro = sample_groups(self.llm, [self.prompts[i] for i in idx], [self.problems[i] for i in idx], cfg.group_size,
+                           cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed, self.global_step, first_index)
+        scores = self.reward(ro.texts, ro.problems, completion_ids=ro.completion_ids,
+                             completion_lengths=[len(c) for c in ro.completion_ids], tokenizer=self.tokenizer,
+                             think_opened=self.think_opened)
+        return ro, scores
 
     def _rollout_metrics(self, ro: Rollout, scores, rewards: torch.Tensor, zero: torch.Tensor) -> dict:
         G = self.cfg.group_size
@@ -333,8 +397,10 @@ class GRPOTrainer:
                    reflection_share=reflection_share(ro.texts), recheck_share=reflection_share(ro.texts, RECHECK_WORDS))
         return row
 
-    def _update(self, ro: Rollout, adv: torch.Tensor, rows: list[int], lr: float) -> dict:
-        """`mu` optimizer steps at `lr` on the completions `rows`, each accumulating over micro-batches."""
+    def _update(self, ro: Rollout, adv: torch.Tensor, credit: list[list[float]] | None, rows: list[int],
+                lr: float) -> dict:
+        """`mu` optimizer steps at `lr` on the completions `rows`, each accumulating over micro-batches.
+        With `credit`, each token's advantage is adv[row] + equation_credit x credit[row][token]."""
         cfg, model, dev = self.cfg, self.model, self.device
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -345,7 +411,13 @@ class GRPOTrainer:
             mask = scoring.mask
             if cfg.mask_truncated:  # DAPO overlong filtering
                 mask = mask * torch.tensor([not ro.truncated[i] for i in mb], dtype=mask.dtype, device=dev)[:, None]
-            b = {"scoring": scoring, "mask": mask, "adv": adv[mb].to(dev), "rows": len(mb)}
+            a = adv[mb]
+            if credit is not None:
+                c = torch.zeros(mask.shape, dtype=a.dtype)
+                for j, i in enumerate(mb):
+                    c[j, :len(credit[i])] = torch.tensor(credit[i], dtype=a.dtype)
+                a = a[:, None] + cfg.equation_credit * c
+            b = {"scoring": scoring, "mask": mask, "adv": a.to(dev), "rows": len(mb)}
             with torch.no_grad():
                 if cfg.mu > 1:  # pi_old = the weights that sampled; needed once the first update has moved them
                     b["old"] = completion_logprobs(model, scoring, cfg.temperature)[0]
@@ -412,6 +484,35 @@ class GRPOTrainer:
         self.save_model()
         write_grpo_plots(self.out)
         return last
+
+
+def equation_credit(completion_ids: list[list[int]], tokenizer: Tokenizer, group_size: int,
+                    questions: list[str] | None = None) -> list[list[float]]:
+    """Per-token process credit from the equations each completion writes (see GRPOConfig.equation_credit).
+
+    Each equation (rewards.equation_spans, grounded in questions[i] when given) is a step with reward 1 if it
+    holds, else 0; grpo_loss.step_advantages normalises the step rewards over each group; every token that
+    overlaps an equation's characters gets that equation's normalised reward. The text is rebuilt from the
+    tokens one by one, so character offsets and tokens agree by construction. Returns one list per
+    completion, as long as its token ids.
+    """
+    spans, steps = [], []
+    for i, ids in enumerate(completion_ids):
+        pieces = [tokenizer.decode([t], skip_special_tokens=True) for t in ids]
+        ends = list(itertools.accumulate(map(len, pieces)))
+        eqs = equation_spans("".join(pieces), questions[i] if questions is not None else None)
+        spans.append((eqs, ends))
+        steps.append([float(holds) for _, _, holds in eqs])
+    out = []
+    for (eqs, ends), normed in zip(spans, step_advantages(steps, group_size)):
+        credit = [0.0] * len(ends)
+        for (start, end, _), value in zip(eqs, normed):
+            # token t covers characters [ends[t-1], ends[t]); it overlaps [start, end) when ends[t] > start
+            # and ends[t-1] < end
+            for t in range(bisect.bisect_right(ends, start), min(bisect.bisect_left(ends, end) + 1, len(ends))):
+                credit[t] += value
+        out.append(credit)
+    return out
 
 
 def write_grpo_plots(out_dir: str) -> list[str]:

@@ -83,6 +83,29 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale_std: bool = T
     return adv.reshape(-1)
 
 
+def step_advantages(step_rewards: Sequence[Sequence[float]], group_size: int, eps: float = 1e-4,
+                    correction: int = 1) -> list[list[float]]:
+    """Process-supervision step rewards normalised within each group (DeepSeekMath §4.1.3).
+
+    step_rewards[i] holds the rewards of completion i's steps (prompt-major, G completions per group).
+    Each step reward becomes (r - mean(R)) / (std(R) + eps), R = every step reward of the group's G
+    completions (sample std with `correction`, as group_advantages). A group with fewer than two steps
+    or with all step rewards equal gets zeros: it says nothing about which steps were better.
+    """
+    if len(step_rewards) % group_size:
+        raise ValueError(f"{len(step_rewards)} completions do not split into groups of {group_size}")
+    out = []
+    for g in range(0, len(step_rewards), group_size):
+        group = step_rewards[g:g + group_size]
+        flat = torch.tensor([r for steps in group for r in steps], dtype=torch.float64)
+        if flat.numel() <= correction or bool((flat == flat[0]).all()):
+            out += [[0.0] * len(steps) for steps in group]
+            continue
+        mean, std = flat.mean().item(), flat.std(correction=correction).item()
+        out += [[(r - mean) / (std + eps) for r in steps] for steps in group]
+    return out
+
+
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None, advantages: torch.Tensor,
               mask: torch.Tensor, eps_low: float = 0.2, eps_high: float = 0.2, beta: float = 0.0,
               loss_type: str = "grpo", max_completion_length: int | None = None,
@@ -93,7 +116,8 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
         logp: (B, T) log pi_theta of the sampled tokens (carries the gradient).
         old_logp: (B, T) log pi_old of the same tokens (sampling policy); detached here.
         ref_logp: (B, T) log pi_ref, or None (required when beta != 0).
-        advantages: (B,) one advantage per completion (group_advantages).
+        advantages: (B,) one advantage per completion (group_advantages, outcome supervision), or (B, T)
+            one per token (process supervision, DeepSeekMath §4.1.3).
         mask: (B, T) 1 for completion tokens, 0 for padding (and for masked truncated samples).
         eps_low, eps_high: clip range [1 - eps_low, 1 + eps_high]; DAPO Clip-Higher uses eps_high 0.28.
         beta: KL coefficient (DeepSeekMath 0.04, R1 0.001, TRL/DAPO/Dr. GRPO 0).
@@ -112,8 +136,9 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
     shapes = [tuple(t.shape) for t in (logp, old_logp, mask, ref_logp) if t is not None]
     if logp.dim() != 2 or len(set(shapes)) != 1:
         raise ValueError(f"logp, old_logp, mask (and ref_logp) must share one (B, T) shape, got {shapes}")
-    if advantages.shape != logp.shape[:1]:
-        raise ValueError(f"advantages must have shape ({logp.shape[0]},), got {tuple(advantages.shape)}")
+    if advantages.shape not in (logp.shape[:1], logp.shape):
+        raise ValueError(f"advantages must have shape ({logp.shape[0]},) or {tuple(logp.shape)}, "
+                         f"got {tuple(advantages.shape)}")
     if not (0 <= eps_low < 1 and eps_high >= 0):
         raise ValueError(f"need 0 <= eps_low < 1 and eps_high >= 0, got {eps_low}, {eps_high}")
     if beta != 0 and ref_logp is None:
@@ -122,7 +147,9 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
         raise ValueError("loss_type='dr_grpo' needs max_completion_length (its constant normaliser)")
 
     m = mask.to(logp.dtype)
-    A = advantages.to(logp.dtype).unsqueeze(1)  # DeepSeekMath §4.1.2: A_{i,t} = r~_i for every token
+    A = advantages.to(logp.dtype)
+    if A.dim() == 1:
+        A = A.unsqueeze(1)  # DeepSeekMath §4.1.2: A_{i,t} = r~_i for every token
     ratio = torch.exp(logp - old_logp.detach())  # rho_{i,t}, DeepSeekMath eq. 3
     clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)  # DAPO §3.1 Clip-Higher: decoupled eps_low/eps_high
     per_token = -torch.min(ratio * A, clipped * A)  # DeepSeekMath eq. 3, negated: we minimise

@@ -39,6 +39,7 @@ from typing import Any, Callable, Mapping, Protocol, Sequence, Union
 
 from ..data.r1_format import ANSWER, END_ANSWER, END_THINK, THINK, format_ok
 from ..data.tasks import TASKS, Example, check
+from ..data.tasks.expr import ExprError, evaluate, parse
 
 ExampleLike = Union[Example, Mapping[str, Any]]
 MAX_ANSWER_CHARS = 1000  # an answer block longer than this is not a final answer (and would be slow to parse)
@@ -306,6 +307,99 @@ def repetition_penalty_reward(completions: Sequence[str], examples: Sequence[Exa
     return out
 
 
+# An arithmetic side of an equation: digits, spaces, + - * / and parentheses, at least one digit.
+_SIDE_CHARS = "0123456789 +-*/()"
+_NUMBER = re.compile(r"\d+")
+
+
+def _side(text: str, from_end: bool) -> str | None:
+    """The arithmetic run that ends text (from_end) or starts it, stripped, or None when it holds no digit
+    or touches a letter with no space between (as in "3x", where the side is not a number)."""
+    chars = reversed(text) if from_end else iter(text)
+    run = []
+    for ch in chars:
+        if ch not in _SIDE_CHARS:
+            if (ch.isalnum() or ch == "_") and run and not run[-1].isspace():
+                return None
+            break
+        run.append(ch)
+    side = "".join(reversed(run) if from_end else run).strip()
+    return side if any(c.isdigit() for c in side) else None
+
+
+def equation_spans(text: str, question: str | None = None) -> list[tuple[int, int, bool]]:
+    """(start, end, holds) for each integer equation in text, in order; text[start:end] is "A = B".
+
+    An equation is "A = B" where both sides are whitelisted integer expressions (tasks.expr.parse:
+    literals, + - * /, parentheses; never executed) and at least one side has an operator; chains
+    ("x = 11 - 8 = 3") give one equation per "=" whose two neighbours are both arithmetic, and a
+    side next to a letter ("3x = ...") is not arithmetic. Values are exact fractions; a division by
+    zero makes the equation false.
+
+    With `question`, an equation holds only if it is also grounded: every number on its left side
+    appears in the question or on the right side of an earlier equation. Checked for truth alone, a
+    weak policy learns to write true but idle equations ("x = 0 / 5 = 0", "1 * 1 = 1") instead of the
+    solution's (docs/r1_report.md).
+    """
+    known = set(_NUMBER.findall(question)) if question is not None else None
+    parts = text.split("=")
+    offsets = [0]
+    for part in parts:
+        offsets.append(offsets[-1] + len(part) + 1)  # where the next part starts, past its "="
+    out = []
+    for k, (left_text, right_text) in enumerate(zip(parts, parts[1:])):
+        left, right = _side(left_text, from_end=True), _side(right_text, from_end=False)
+        if left is None or right is None or not any(op in left + right for op in "+-*/"):
+            continue
+        try:
+            trees = parse(left, allow_unary_minus=True), parse(right, allow_unary_minus=True)
+        except ExprError:  # e.g. an unbalanced parenthesis: not an equation
+            continue
+        try:
+            holds = evaluate(trees[0]) == evaluate(trees[1])
+        except ExprError:  # division by zero
+            holds = False
+        if known is not None:
+            holds = holds and all(n in known for n in _NUMBER.findall(left))
+            known.update(_NUMBER.findall(right))
+        right_start = offsets[k + 1]
+        start = left_text.rindex(left)  # the stripped side lies inside the run at the end of left_text
+        end = right_start + right_text.index(right) + len(right)
+        out.append((offsets[k] + start, end, holds))
+    return out
+
+
+def equations(text: str, question: str | None = None) -> list[bool]:
+    """Whether each integer equation in text holds, in order of appearance (`equation_spans`)."""
+    return [holds for _, _, holds in equation_spans(text, question)]
+
+
+def question_text(example: ExampleLike) -> str:
+    """The question of a built-in Example or of a {"question", ...} mapping ("" when it has none)."""
+    return example.question if isinstance(example, Example) else str(example.get("question", ""))
+
+
+def equation_reward(completions: Sequence[str], examples: Sequence[ExampleLike] | None = None, *,
+                    think_opened: bool = False, **_: Any) -> list[float]:
+    """Share of the reasoning's integer equations that hold (`equations`, grounded in the example's
+    question when examples are given), in [0, 1]; 0 without a closed think block or without equations.
+
+    A rule-based check of the worked steps, not of the answer: with accuracy alone, a sample whose
+    "11 - 8 = 4" and "4 / 3 = 1" happen to land on the right answer is rewarded for both slips, and
+    two samples that differ only in a slip the answer does not see get the same advantage. This
+    reward separates them. It is a proxy (a policy can still write fewer equations), so it belongs
+    next to the accuracy reward, not instead of it; with weight 0 it is only logged.
+    """
+    _check_lengths(completions, examples)
+    out = []
+    for i, text in enumerate(completions):
+        think = think_text(text, think_opened)
+        question = question_text(examples[i]) if examples is not None else None
+        checks = equations(think, question) if think is not None else []
+        out.append(sum(checks) / len(checks) if checks else 0.0)
+    return out
+
+
 REWARDS: Mapping[str, Callable[..., list[float]]] = MappingProxyType({
     "accuracy": accuracy_reward,
     "format": format_reward,
@@ -313,6 +407,7 @@ REWARDS: Mapping[str, Callable[..., list[float]]] = MappingProxyType({
     "soft_overlong": soft_overlong_reward,
     "cosine": cosine_length_reward,
     "repetition": repetition_penalty_reward,
+    "equations": equation_reward,
 })
 
 

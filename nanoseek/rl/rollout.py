@@ -49,6 +49,11 @@ class Rollout:
     def __len__(self) -> int:
         return len(self.completion_ids)
 
+    def __add__(self, other: "Rollout") -> "Rollout":
+        return Rollout(self.prompt_ids + other.prompt_ids, self.completion_ids + other.completion_ids,
+                       self.texts + other.texts, self.truncated + other.truncated, self.problems + other.problems,
+                       self.gen_tokens + other.gen_tokens)
+
     def select(self, rows: Sequence[int]) -> "Rollout":
         rows = list(rows)
         return Rollout([self.prompt_ids[i] for i in rows], [self.completion_ids[i] for i in rows],
@@ -62,10 +67,12 @@ def request_seed(seed: int, step: int, index: int) -> int:
 
 
 def sample_groups(llm: LLM, prompts: Sequence[list[int]], problems: Sequence, group_size: int, max_new_tokens: int,
-                  temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, step: int = 0) -> Rollout:
-    """G completions for each prompt, batched in the engine (one request with n=G per prompt)."""
+                  temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, step: int = 0,
+                  first_index: int = 0) -> Rollout:
+    """G completions for each prompt, batched in the engine (one request with n=G per prompt). Prompt i is
+    seeded as request `first_index + i` of the step (refills of a step continue the numbering)."""
     params = [SamplingParams(n=group_size, max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                             seed=request_seed(seed, step, i)) for i in range(len(prompts))]
+                             seed=request_seed(seed, step, first_index + i)) for i in range(len(prompts))]
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
     ro = Rollout([], [], [], [], [], 0)
     for prompt, problem, out in zip(prompts, problems, outs):
