@@ -40,6 +40,7 @@ from typing import Any, Callable, Mapping, Protocol, Sequence, Union
 from ..data.r1_format import ANSWER, END_ANSWER, END_THINK, THINK, format_ok
 from ..data.tasks import TASKS, Example, check
 from ..data.tasks.expr import ExprError, evaluate, parse
+from .data import question_of
 
 ExampleLike = Union[Example, Mapping[str, Any]]
 MAX_ANSWER_CHARS = 1000  # an answer block longer than this is not a final answer (and would be slow to parse)
@@ -374,11 +375,6 @@ def equations(text: str, question: str | None = None) -> list[bool]:
     return [holds for _, _, holds in equation_spans(text, question)]
 
 
-def question_text(example: ExampleLike) -> str:
-    """The question of a built-in Example or of a {"question", ...} mapping ("" when it has none)."""
-    return example.question if isinstance(example, Example) else str(example.get("question", ""))
-
-
 def equation_reward(completions: Sequence[str], examples: Sequence[ExampleLike] | None = None, *,
                     think_opened: bool = False, **_: Any) -> list[float]:
     """Share of the reasoning's integer equations that hold (`equations`, grounded in the example's
@@ -394,7 +390,7 @@ def equation_reward(completions: Sequence[str], examples: Sequence[ExampleLike] 
     out = []
     for i, text in enumerate(completions):
         think = think_text(text, think_opened)
-        question = question_text(examples[i]) if examples is not None else None
+        question = question_of(examples[i]) if examples is not None else None
         checks = equations(think, question) if think is not None else []
         out.append(sum(checks) / len(checks) if checks else 0.0)
     return out
