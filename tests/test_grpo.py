@@ -20,6 +20,7 @@ import nanoseek
 from nanoseek.config import ConfigError
 from nanoseek.data import default_corpus, train_tokenizer
 from nanoseek.infer import LLM, SamplingParams
+import nanoseek.rl.grpo as grpo_module
 from nanoseek.rl.grpo import GRPOConfig, GRPOTrainer, equation_credit
 from nanoseek.rl.rollout import Rollout, completion_logprobs, pad_batch
 
@@ -202,7 +203,7 @@ def test_equation_credit_trains_groups_with_equal_outcomes(init_dir, tmp_path, m
         ids = [tr.tokenizer.encode(t) + [tr.tokenizer.eos_id] for t in texts]
         problem = {"question": "Compute 11 - 8.", "answer": "3"}  # the equations' numbers are grounded in it
         fake = Rollout([prompt] * 4, ids, texts, [False] * 4, [problem] * 4, sum(map(len, ids)))
-        monkeypatch.setattr(tr, "_rollout", lambda idx, first_index, fake=fake: (fake, tr.reward(texts, fake.problems)))
+        monkeypatch.setattr(grpo_module, "sample_groups", lambda *a, fake=fake: fake)  # the trainer scores it
         w = tr.model.lm_head.weight.detach().clone()
         row = tr.step()
         assert row["frac_reward_zero_std"] == 1.0 and row["trained_completions"] == 4 * (weight > 0)

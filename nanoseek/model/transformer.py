@@ -32,7 +32,6 @@ class Block(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache, slots, absorb, bias)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-
     def forward_with_prefix(self, x_p, rope_p, x_c, rope_c, group, mask):
         """Prefixes and continuations (MLA.forward_with_prefix); the FFN runs once over both token sets."""
         a_p, a_c = self.self_attn.forward_with_prefix(self.input_layernorm(x_p), rope_p, self.input_layernorm(x_c),

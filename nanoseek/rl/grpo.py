@@ -320,8 +320,8 @@ class GRPOTrainer:
         (also appended to metrics.jsonl by fit)."""
         cfg, G, P = self.cfg, self.cfg.group_size, self.cfg.prompts_per_step
         t0 = time.perf_counter()
-        ro, scores = self._rollout(self.batch_indices(self.global_step), first_index=0)
-        rewards, adv, credit, signal = self._advantages(ro, scores)
+        ro, scores, credit = self._rollout(self.batch_indices(self.global_step), first_index=0)
+        signal = self._signal(scores, credit)
         refill = 0
         while cfg.filter_zero_variance and refill < cfg.dynamic_sampling:
             kept = int(signal.sum()) // G
@@ -330,13 +330,16 @@ class GRPOTrainer:
             refill += 1
             # ask for the missing groups divided by the share kept so far (at least one in four)
             count = min(4 * P, math.ceil((P - kept) * len(ro) / max(kept * G, len(ro) / 4)))
-            extra, extra_scores = self._rollout(self.batch_indices(self.global_step, refill, count),
-                                                first_index=len(ro) // G)
-            ro, scores = ro + extra, RewardScores(scores.total + extra_scores.total,
-                                                  {k: v + extra_scores.per_reward[k] for k, v in scores.per_reward.items()})
-            rewards, adv, credit, signal = self._advantages(ro, scores)
+            extra, extra_scores, extra_credit = self._rollout(self.batch_indices(self.global_step, refill, count),
+                                                              first_index=len(ro) // G)
+            ro, scores = ro + extra, scores + extra_scores
+            credit = None if credit is None else credit + extra_credit
+            signal = self._signal(scores, credit)
         t_gen = time.perf_counter() - t0
 
+        rewards = torch.tensor(scores.total, dtype=torch.float32)
+        adv = group_advantages(rewards, G, scale_std=cfg.scale_rewards != "none",
+                               level="batch" if cfg.scale_rewards == "batch" else "group")
         rows = [i for i in range(len(ro)) if signal[i] or not cfg.filter_zero_variance]
         if refill:
             rows = rows[:P * G]  # the first prompts_per_step groups with a learning signal
@@ -350,30 +353,28 @@ class GRPOTrainer:
                    gen_tokens_per_s=ro.gen_tokens / max(t_gen, 1e-9), tokens_per_s=ro.gen_tokens / max(t_all, 1e-9))
         return {"step": row.pop("step"), **row}
 
-    def _advantages(self, ro: Rollout, scores: RewardScores):
-        """(rewards (R,), outcome advantages (R,), per-token equation credit (a list per row, or None when
-        equation_credit is 0), signal (R,) bool: the row's group has outcome variance or some step credit)."""
-        cfg, G = self.cfg, self.cfg.group_size
-        rewards = torch.tensor(scores.total, dtype=torch.float32)
-        adv = group_advantages(rewards, G, scale_std=cfg.scale_rewards != "none",
-                               level="batch" if cfg.scale_rewards == "batch" else "group")
-        signal = ~zero_variance_mask(rewards, G)
-        credit = None
-        if cfg.equation_credit:
-            credit = equation_credit(ro.completion_ids, self.tokenizer, G, [question_of(p) for p in ro.problems])
-            stepped = torch.tensor([any(c) for c in credit]).view(-1, G).any(dim=1).repeat_interleave(G)
-            signal = signal | stepped
-        return rewards, adv, credit, signal
+    def _signal(self, scores: RewardScores, credit: list[list[float]] | None) -> torch.Tensor:
+        """(R,) bool: the row's group has outcome variance or, with equation credit, some step credit."""
+        G = self.cfg.group_size
+        signal = ~zero_variance_mask(torch.tensor(scores.total, dtype=torch.float32), G)
+        if credit is not None:
+            signal |= torch.tensor([any(c) for c in credit]).view(-1, G).any(dim=1).repeat_interleave(G)
+        return signal
 
-    def _rollout(self, idx: list[int], first_index: int) -> tuple[Rollout, RewardScores]:
-        """G samples for each problem in idx and their rewards."""
+    def _rollout(self, idx: list[int], first_index: int) -> tuple[Rollout, RewardScores, list[list[float]] | None]:
+        """G samples for each problem in idx, their rewards, and their per-token equation credit (None when
+        equation_credit is 0; it is normalised within groups, so rollouts of a step concatenate)."""
         cfg = self.cfg
         ro = sample_groups(self.llm, [self.prompts[i] for i in idx], [self.problems[i] for i in idx], cfg.group_size,
                            cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed, self.global_step, first_index)
         scores = self.reward(ro.texts, ro.problems, completion_ids=ro.completion_ids,
                              completion_lengths=[len(c) for c in ro.completion_ids], tokenizer=self.tokenizer,
                              think_opened=self.think_opened)
-        return ro, scores
+        credit = None
+        if cfg.equation_credit:
+            credit = equation_credit(ro.completion_ids, self.tokenizer, cfg.group_size,
+                                     [question_of(p) for p in ro.problems])
+        return ro, scores, credit
 
     def _rollout_metrics(self, ro: Rollout, scores, rewards: torch.Tensor, zero: torch.Tensor) -> dict:
         G = self.cfg.group_size

@@ -425,6 +425,10 @@ class RewardScores:
     total: list[float]
     per_reward: dict[str, list[float]]
 
+    def __add__(self, other: "RewardScores") -> "RewardScores":
+        """The scores of two batches scored by the same rewards, one after the other."""
+        return RewardScores(self.total + other.total, {k: v + other.per_reward[k] for k, v in self.per_reward.items()})
+
 
 @dataclass(frozen=True)
 class CombinedReward:
