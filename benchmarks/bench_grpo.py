@@ -13,8 +13,10 @@ every completion.
 
 A step is rollout + rewards + advantages + forward/backward + optimizer step: nanoseek's
 `GRPOTrainer.step()`, TRL's on_step_begin -> on_step_end (its generation happens inside the step).
-Each side runs `--rounds` times in alternating order (A B, B A, ...), each run 1 warm-up step + `--steps`
-measured steps; the table gives the median seconds/step, generated tokens/step, and the ratio.
+Side "nanoseek compiled" is the same trainer with `compile_rollouts=True` (the rollout decode steps through
+torch.compile); its compile falls in its warm-up step, which is printed and not timed (`--no-compile` skips it).
+Each side runs `--rounds` times in alternating order (A B C, C B A, ...), each run 1 warm-up step + `--steps`
+measured steps; the table gives the median seconds/step, generated tokens/step, and the ratio to TRL.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_grpo.py                 # small, G 8, 4 prompts, 64 tokens
     python benchmarks/bench_grpo.py --preset tiny --steps 3 --rounds 1      # a quick smoke run
@@ -55,19 +57,22 @@ def build_model_dir(preset: str, vocab: int, seed: int) -> str:
     return path
 
 
-def run_nanoseek(args, path: str, out: str) -> tuple[list[float], list[float]]:
+def run_nanoseek(args, path: str, out: str, compile_rollouts: bool = False) -> tuple[list[float], list[float]]:
     from nanoseek.rl.grpo import GRPOConfig, GRPOTrainer
     cfg = GRPOConfig(tasks=["arithmetic", "countdown", "linear"], n_train_problems=50, steps=1 + args.steps,
                      prompts_per_step=args.prompts, group_size=args.group_size, max_new_tokens=args.max_new_tokens,
                      temperature=1.0, top_p=1.0, lr=args.lr, beta=0.0, mu=1, loss_type="dapo", scale_rewards="group",
                      filter_zero_variance=False, micro_batch=args.prompts * args.group_size, save_every=0,
-                     tensorboard=False, seed=args.seed, rewards={"digits": 1.0}, device="cpu")
+                     tensorboard=False, seed=args.seed, rewards={"digits": 1.0}, device="cpu",
+                     compile_rollouts=compile_rollouts)
     tr = GRPOTrainer(cfg, path, out, progress=False, reward_fns={"digits": digit_share})
     times, tokens = [], []
     for i in range(cfg.steps):
         t0 = time.perf_counter()
         row = tr.step()
         dt = time.perf_counter() - t0
+        if i == 0 and compile_rollouts:
+            print(f"  (nanoseek compiled: warm-up step incl. compiling {dt:.1f} s)")
         if i >= 1:
             times.append(dt)
             tokens.append(row["completion_len_mean"] * args.prompts * args.group_size)
@@ -128,6 +133,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2, help="runs per side, alternating the order")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="skip the 'nanoseek compiled' side (rollouts through torch.compile, compiled in its warm-up step)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -143,19 +150,21 @@ def main() -> None:
               f"{args.prompts} prompts/step ({args.prompts * args.group_size} completions), max "
               f"{args.max_new_tokens} new tokens, T 1.0, beta 0, mu 1, loss dapo, fp32 CPU")
         sides = {"nanoseek": run_nanoseek, "TRL": run_trl}
+        if args.compile:
+            sides["nanoseek compiled"] = lambda *a: run_nanoseek(*a, compile_rollouts=True)
         times = {n: [] for n in sides}
         tokens = {n: [] for n in sides}
         for r in range(args.rounds):
             for name in (list(sides) if r % 2 == 0 else list(sides)[::-1]):
-                t, k = sides[name](args, path, os.path.join(work, f"{name}-{r}"))
+                t, k = sides[name](args, path, os.path.join(work, f"{name.replace(' ', '-')}-{r}"))
                 times[name] += t
                 tokens[name] += k
-                print(f"  round {r} {name:8s}: " + ", ".join(f"{x:.2f}" for x in t) + " s/step")
-        print(f"\n{'':10s} {'median s/step':>14s} {'min/max vs median':>18s} {'gen tokens/step':>16s}")
+                print(f"  round {r} {name:17s}: " + ", ".join(f"{x:.2f}" for x in t) + " s/step")
+        print(f"\n{'':17s} {'median s/step':>14s} {'min/max vs median':>18s} {'gen tokens/step':>16s} {'vs TRL':>7s}")
         for name in sides:
             tok = f"{median(tokens[name]):.0f}" if tokens[name] else "n/a"
-            print(f"{name:10s} {median(times[name]):14.3f} {spread(times[name]):>18s} {tok:>16s}")
-        print(f"\nnanoseek is {median(times['TRL']) / median(times['nanoseek']):.2f}x faster per GRPO step than TRL")
+            ratio = median(times["TRL"]) / median(times[name])
+            print(f"{name:17s} {median(times[name]):14.3f} {spread(times[name]):>18s} {tok:>16s} {ratio:6.2f}x")
         print(load_report("end"))
     finally:
         shutil.rmtree(path, ignore_errors=True)

@@ -121,7 +121,11 @@ class Transformer(nn.Module):
             for layer in self.model.layers:  # folded weights are refreshed here: the graph only reads them
                 if layer.self_attn.fold:
                     layer.self_attn._folded_weights()
-            return _compiled_layers()(self, input_ids, positions, cache, slots, absorb, bias)
+            if slots is None and cache is not None:  # one graph for all calls: rows are always indexed
+                slots = torch.arange(input_ids.shape[0], device=input_ids.device)
+            # without duck sizing, a batch as large as the cache's slot count does not specialize a graph
+            with torch.fx.experimental._config.patch(use_duck_shape=False):
+                return _compiled_layers()(self, input_ids, positions, cache, slots, absorb, bias)
         return self.layers_forward(input_ids, positions, cache, slots, absorb, bias)
 
     def layers_forward(self, input_ids, positions, cache, slots, absorb, bias) -> torch.Tensor:

@@ -111,6 +111,9 @@ class GRPOConfig:
             samples as many prompts as are still missing, divided by the share of groups kept so far.
         mask_truncated: exclude completions cut at max_new_tokens from the loss (DAPO overlong filtering).
         max_num_seqs: sequences the engine decodes at once (0: all of a step, prompts_per_step x G).
+        compile_rollouts: decode the rollouts through torch.compile (`LLM(compile=True)`). The first step
+            compiles (about a minute on 2 CPU cores); later decode steps run fused kernels (see
+            benchmarks/README.md, GRPO step vs TRL). Worth it for long runs, not for a few dozen steps.
         save_every: steps between checkpoints (0: only at the end); keep_checkpoints: how many to keep.
         seed: problem order, sampling seeds.
         threads: torch CPU threads (0: torch's default).
@@ -149,6 +152,7 @@ class GRPOConfig:
     dynamic_sampling: int = 0
     mask_truncated: bool = False
     max_num_seqs: int = 0
+    compile_rollouts: bool = False
     save_every: int = 50
     keep_checkpoints: int = 2
     seed: int = 0
@@ -205,7 +209,7 @@ class GRPOConfig:
         req(is_num(self.equation_credit) and self.equation_credit >= 0, "equation_credit", "must be >= 0")
         req(self.loss_type in LOSS_TYPES, "loss_type", f"must be one of {LOSS_TYPES}")
         req(self.scale_rewards in SCALE_REWARDS, "scale_rewards", f"must be one of {SCALE_REWARDS}")
-        for name in ("filter_zero_variance", "mask_truncated", "tensorboard"):
+        for name in ("filter_zero_variance", "mask_truncated", "compile_rollouts", "tensorboard"):
             req(isinstance(getattr(self, name), bool), name, "must be true or false")
 
     @classmethod
@@ -265,7 +269,7 @@ class GRPOTrainer:
         # one engine for the whole run; it holds self.model itself, so updates are sampled from at once
         max_len = max(map(len, self.prompts)) + cfg.max_new_tokens
         self.llm = LLM(self.model, self.tokenizer, max_num_seqs=cfg.max_num_seqs or cfg.prompts_per_step * cfg.group_size,
-                       max_model_len=max_len, seed=cfg.seed)
+                       max_model_len=max_len, seed=cfg.seed, compile=cfg.compile_rollouts)
 
     # ---- setup ----------------------------------------------------------------------------------
     def _build_rewards(self, extra: Mapping[str, RewardFunction]):
