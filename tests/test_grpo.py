@@ -210,6 +210,21 @@ def test_equation_credit_trains_groups_with_equal_outcomes(init_dir, tmp_path, m
         assert torch.equal(tr.model.lm_head.weight, w) == (weight == 0)
 
 
+def test_positive_only_trains_on_the_better_completions(init_dir, tmp_path, monkeypatch):
+    """positive_only (RAFT++): the same rollout, but only completions above their group's mean reach the loss."""
+    seen = []
+    loss = grpo_module.grpo_loss
+    monkeypatch.setattr(grpo_module, "grpo_loss", lambda logp, old, ref, adv, *a, **k: (seen.append(adv), loss(
+        logp, old, ref, adv, *a, **k))[1])
+    full = trainer(init_dir, tmp_path / "all", toy_cfg(steps=1)).step()
+    assert (torch.cat(seen) < 0).any()
+    seen.clear()
+    pos = trainer(init_dir, tmp_path / "pos", toy_cfg(steps=1, positive_only=True)).step()
+    adv = torch.cat(seen)
+    assert pos["reward"] == full["reward"]                      # same seed, same samples and rewards
+    assert (adv > 0).all() and len(adv) == pos["trained_completions"] < full["trained_completions"]
+
+
 def test_resume_repeats_the_uninterrupted_run(init_dir, tmp_path):
     full = trainer(init_dir, tmp_path / "full", toy_cfg(steps=4))
     full.fit()

@@ -29,6 +29,8 @@ def add_parsers(sub) -> None:
                    help="per-step credit from checking each equation the completion writes (default: 0, off)")
     p.add_argument("--dynamic-sampling", type=int, default=None, metavar="ROUNDS",
                    help="extra rollout rounds per step that replace zero-variance groups (DAPO; default: 0, off)")
+    p.add_argument("--positive-only", action="store_true", default=None,
+                   help="train only on completions better than their group's mean (RAFT++; default: off)")
     p.add_argument("--compile", action="store_true", default=None,
                    help="decode rollouts through torch.compile (compiles in the first step; for long runs)")
     p.add_argument("--seed", type=int, default=None, help="problem order and sampling seed (default: 0)")
@@ -46,7 +48,8 @@ def cmd_grpo(args) -> None:
                           group_size=args.group_size, prompts_per_step=args.prompts_per_step,
                           max_new_tokens=args.max_new_tokens, beta=args.beta, loss_type=args.loss_type, lr=args.lr,
                           mu=args.mu, equation_credit=args.equation_credit,
-                          dynamic_sampling=args.dynamic_sampling, compile_rollouts=args.compile, seed=args.seed,
+                          dynamic_sampling=args.dynamic_sampling, positive_only=args.positive_only,
+                          compile_rollouts=args.compile, seed=args.seed,
                           threads=args.threads)
     trainer = GRPOTrainer(cfg, args.init, args.out, resume=args.resume, progress=not args.no_progress)
     last = trainer.fit()

@@ -28,6 +28,10 @@ Key choices (defaults in GRPOConfig, reasons next to each field):
   and DeepSeekMath's normalised step rewards (§4.1.3) go to that equation's tokens only, not to every
   earlier token (its A_{i,t} = sum of the rewards of the steps ending at or after t), because each
   equation here is checkable on its own.
+- `positive_only` keeps only the completions the group baseline marks better than average (RAFT++):
+  pushing a sampled token down raises every other token of the vocabulary, and for a tiny policy whose
+  facts are uncertain that was a suspect for the unlearning above. Measured, it does not prevent it
+  (docs/r1_report.md), so it is off by default.
 - The problem order is a pure function of (seed, step) (refills: of (seed, step, round), from a stream of
   their own) and every request has its own sampling seed, so a resumed run repeats exactly what the
   uninterrupted one would have done.
@@ -110,6 +114,9 @@ class GRPOConfig:
             replacement prompts for the dropped groups (DAPO's dynamic sampling); 0 disables. Each round
             samples as many prompts as are still missing, divided by the share of groups kept so far.
         mask_truncated: exclude completions cut at max_new_tokens from the loss (DAPO overlong filtering).
+        positive_only: train only on what the group baseline marks better than average: completions with a
+            negative advantage are left out of the update and negative token advantages become 0 (RAFT++,
+            Xiong et al. 2025: online rejection sampling with GRPO's baseline). See the module doc.
         max_num_seqs: sequences the engine decodes at once (0: all of a step, prompts_per_step x G).
         compile_rollouts: decode the rollouts through torch.compile (`LLM(compile=True)`). The first step
             compiles (about a minute on 2 CPU cores); later decode steps run fused kernels (see
@@ -151,6 +158,7 @@ class GRPOConfig:
     equation_credit: float = 0.0
     dynamic_sampling: int = 0
     mask_truncated: bool = False
+    positive_only: bool = False
     max_num_seqs: int = 0
     compile_rollouts: bool = False
     save_every: int = 50
@@ -209,7 +217,7 @@ class GRPOConfig:
         req(is_num(self.equation_credit) and self.equation_credit >= 0, "equation_credit", "must be >= 0")
         req(self.loss_type in LOSS_TYPES, "loss_type", f"must be one of {LOSS_TYPES}")
         req(self.scale_rewards in SCALE_REWARDS, "scale_rewards", f"must be one of {SCALE_REWARDS}")
-        for name in ("filter_zero_variance", "mask_truncated", "compile_rollouts", "tensorboard"):
+        for name in ("filter_zero_variance", "mask_truncated", "positive_only", "compile_rollouts", "tensorboard"):
             req(isinstance(getattr(self, name), bool), name, "must be true or false")
 
     @classmethod
@@ -347,6 +355,8 @@ class GRPOTrainer:
         rows = [i for i in range(len(ro)) if signal[i] or not cfg.filter_zero_variance]
         if refill:
             rows = rows[:P * G]  # the first prompts_per_step groups with a learning signal
+        if cfg.positive_only:
+            rows = [i for i in rows if adv[i] > 0 or (credit is not None and any(c > 0 for c in credit[i]))]
         row = self._rollout_metrics(ro, scores, rewards, zero_variance_mask(rewards, G))
         row["lr"] = lr_at(self.global_step, cfg.steps, cfg.lr, cfg.warmup, cfg.lr_schedule)
         row.update(self._update(ro, adv, credit, rows, row["lr"]) if rows else {"loss": 0.0, "grad_norm": 0.0})
@@ -422,6 +432,8 @@ class GRPOTrainer:
                 for j, i in enumerate(mb):
                     c[j, :len(credit[i])] = torch.tensor(credit[i], dtype=a.dtype)
                 a = a[:, None] + cfg.equation_credit * c
+            if cfg.positive_only:
+                a = a.clamp(min=0)
             b = {"scoring": scoring, "mask": mask, "adv": a.to(dev), "rows": len(mb)}
             with torch.no_grad():
                 if cfg.mu > 1:  # pi_old = the weights that sampled; needed once the first update has moved them
