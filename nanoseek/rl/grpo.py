@@ -355,8 +355,9 @@ class GRPOTrainer:
         rows = [i for i in range(len(ro)) if signal[i] or not cfg.filter_zero_variance]
         if refill:
             rows = rows[:P * G]  # the first prompts_per_step groups with a learning signal
-        if cfg.positive_only:
-            rows = [i for i in rows if adv[i] > 0 or (credit is not None and any(c > 0 for c in credit[i]))]
+        if cfg.positive_only:  # rows with a positive token advantage, adv + equation_credit x credit (_update)
+            rows = [i for i in rows if adv[i] > 0 or credit is not None
+                    and any(adv[i] + cfg.equation_credit * c > 0 for c in credit[i])]
         row = self._rollout_metrics(ro, scores, rewards, zero_variance_mask(rewards, G))
         row["lr"] = lr_at(self.global_step, cfg.steps, cfg.lr, cfg.warmup, cfg.lr_schedule)
         row.update(self._update(ro, adv, credit, rows, row["lr"]) if rows else {"loss": 0.0, "grad_norm": 0.0})
