@@ -134,7 +134,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-compile", dest="compile", action="store_false",
-                   help="skip the 'nanoseek compiled' side (rollouts through torch.compile, compiled in its warm-up step)")
+                   help="skip the 'nanoseek compiled' side (rollouts through torch.compile, compiled in its "
+                        "warm-up step)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -7,8 +7,8 @@ import pytest
 
 from nanoseek.data import Example, generate, r1_completion
 from nanoseek.rl import (REWARDS, accuracy_reward, combine, cosine_length_reward, equation_reward, equations,
-                         final_answer, format_reward, get_reward, gold_text, language_consistency_reward, math_equal, repetition_penalty_reward,
-                         soft_overlong_reward)
+                         final_answer, format_reward, get_reward, gold_text, language_consistency_reward, math_equal,
+                         repetition_penalty_reward, soft_overlong_reward)
 
 
 @pytest.fixture(scope="module")

@@ -21,15 +21,16 @@ from .grpo_loss import (LOSS_TYPES, REFLECTION_WORDS, group_advantages, grpo_los
                         zero_variance_mask)
 from .pipeline import STAGES, R1Config, R1Pipeline
 from .rewards import (REWARDS, CombinedReward, RewardFunction, RewardScores, accuracy_reward, combine,
-                      cosine_length_reward, equation_reward, equations, final_answer, format_reward, get_reward, gold_text, is_correct,
-                      language_consistency_reward, math_equal, repetition_penalty_reward, soft_overlong_reward)
+                      cosine_length_reward, equation_reward, equations, final_answer, format_reward, get_reward,
+                      gold_text, is_correct, language_consistency_reward, math_equal, repetition_penalty_reward,
+                      soft_overlong_reward)
 from .sample import SampleConfig, rejection_sample
 from .sft import SFTConfig, SFTTrainer
 
 __all__ = ["LOSS_TYPES", "REFLECTION_WORDS", "REWARDS", "STAGES", "CombinedReward", "DistillConfig", "Distiller",
            "EvalConfig", "GRPOConfig", "GRPOTrainer", "R1Config", "R1Pipeline", "RewardFunction", "RewardScores",
            "SFTConfig", "SFTTrainer", "SampleConfig", "accuracy_reward", "combine", "cosine_length_reward",
-           "equation_reward", "equations", "evaluate", "final_answer", "format_reward", "get_reward", "gold_text", "group_advantages", "grpo_loss",
-           "is_correct", "kd_loss", "language_consistency_reward", "math_equal", "reflection_share",
-           "rejection_sample", "repetition_penalty_reward", "soft_overlong_reward", "token_entropy",
-           "zero_variance_mask"]
+           "equation_reward", "equations", "evaluate", "final_answer", "format_reward", "get_reward", "gold_text",
+           "group_advantages", "grpo_loss", "is_correct", "kd_loss", "language_consistency_reward", "math_equal",
+           "reflection_share", "rejection_sample", "repetition_penalty_reward", "soft_overlong_reward",
+           "token_entropy", "zero_variance_mask"]
