@@ -54,12 +54,6 @@ class Rollout:
                        self.texts + other.texts, self.truncated + other.truncated, self.problems + other.problems,
                        self.gen_tokens + other.gen_tokens)
 
-    def select(self, rows: Sequence[int]) -> "Rollout":
-        rows = list(rows)
-        return Rollout([self.prompt_ids[i] for i in rows], [self.completion_ids[i] for i in rows],
-                       [self.texts[i] for i in rows], [self.truncated[i] for i in rows],
-                       [self.problems[i] for i in rows], sum(len(self.completion_ids[i]) for i in rows))
-
 
 def request_seed(seed: int, step: int, index: int) -> int:
     """A per-request sampling seed: distinct for every (run seed, step, prompt), stable across resumes."""
