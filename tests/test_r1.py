@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -146,8 +147,22 @@ def test_r1_pipeline_end_to_end_and_resume(tmp_path, capsys):
     log = capsys.readouterr().out
     assert "[r1] pretrain: done earlier, skipped" in log and "[r1] rl2: starting" in log
     assert "[r1] grpo: starting" not in log
+    # a moved run resumes from its own models: records hold them relative to the run folder
+    moved = tmp_path / "moved"
+    out.rename(moved)
+    os.remove(moved / "rl2" / "stage.json")
+    assert main(["r1", "--out", str(moved), "--config", str(config), "--no-progress"]) == 0
+    assert "[r1] rl2: starting" in capsys.readouterr().out
+    # an older record's path (as given then) is re-anchored at its stage folder, never followed elsewhere
+    record = json.loads((moved / "rs_sft" / "stage.json").read_text())
+    assert record["model"] == "rs_sft/model"
+    (moved / "rs_sft" / "stage.json").write_text(json.dumps({**record, "model": "elsewhere/rs_sft/model"}))
+    assert R1Pipeline(R1Config(), str(moved)).model_of("rs_sft") == str(moved / "rs_sft" / "model")
+    shutil.rmtree(moved / "rs_sft" / "model")
+    with pytest.raises(ValueError, match="not in"):
+        R1Pipeline(R1Config(), str(moved)).model_of("rs_sft")
     # the stage CLIs on the pipeline's checkpoints
-    model = json.loads((out / "cold_start" / "stage.json").read_text())["model"]
+    model = str(moved / json.loads((moved / "cold_start" / "stage.json").read_text())["model"])
     rows = tmp_path / "rs.jsonl"
     assert main(["sample", "--model", model, "--out", str(rows), "--tasks", "linear", "--n", "2", "--k", "2",
                  "--max-new-tokens", "8"]) == 0

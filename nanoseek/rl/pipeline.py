@@ -164,11 +164,27 @@ class R1Pipeline:
         from ..train.state import list_checkpoints
         return bool(list_checkpoints(os.path.join(self._dir(stage), "checkpoints")))
 
-    def model_of(self, stage: str) -> str:
+    def model_of(self, stage: str) -> str | None:
+        """The model folder `stage` finished with (None for a stage without one), inside this run folder.
+
+        Records store it relative to the run folder, so a moved or copied run resumes from its own models.
+        Older records stored the path as given at the time ("runs/r1/grpo/model"); it is re-anchored at its
+        stage folder here, never followed outside the run, where another run's model may sit.
+        """
         record = self._record(stage)
         if record is None:
             raise ValueError(f"stage {stage!r} has not finished in {self.out}; run it first")
-        return record["model"]
+        stored = record["model"]
+        if stored is None:
+            return None
+        parts = os.path.normpath(stored).split(os.sep)
+        if stage in parts:  # from the stage folder on (the last match: the run folder may share its name)
+            parts = parts[len(parts) - 1 - parts[::-1].index(stage):]
+        path = os.path.join(self.out, *parts)
+        if not os.path.isdir(path):
+            raise ValueError(f"stage {stage!r} finished with model {stored!r}, which is not in {self.out} (moved or "
+                             f"deleted?); remove {os.path.join(self._dir(stage), 'stage.json')} to run it again")
+        return path
 
     def run(self, stages: list[str] | None = None) -> dict:
         wanted = list(stages or STAGES)
@@ -187,8 +203,9 @@ class R1Pipeline:
             model_dir, template, extra = getattr(self, f"_stage_{stage}")()
             train_s = time.perf_counter() - t0
             result = self._evaluate(model_dir, template) if model_dir else None
-            record = {"name": stage, "model": model_dir, "template": template, "seconds": time.perf_counter() - t0,
-                      "train_seconds": train_s, **(result or {}), **extra}
+            record = {"name": stage, "model": model_dir and os.path.relpath(model_dir, self.out),
+                      "template": template, "seconds": time.perf_counter() - t0, "train_seconds": train_s,
+                      **(result or {}), **extra}
             write_json(os.path.join(self._dir(stage), "stage.json"), record)
             if result:
                 self.log(f"[r1] {stage}: " + ", ".join(f"{t} pass@1 {m['pass@1']:.3f} maj@{result['k']} {m['maj@k']:.3f}"
