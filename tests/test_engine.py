@@ -268,6 +268,32 @@ def test_incremental_detokenizer_never_emits_half_characters(tok):
         pieces.append(detok.add(t))
     pieces.append(detok.flush())
     assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
+    # several tokens at once, after some one by one, and the whole list in one call, give the same text
+    half = len(ids) // 2
+    detok = IncrementalDetokenizer(tok)
+    head = "".join(detok.add(t) for t in ids[:3])
+    assert head + detok.extend(ids[3:half]) + detok.extend(ids[half:], flush=True) == text
+    assert IncrementalDetokenizer(tok).extend(ids, flush=True) == text
+
+
+def test_streamed_and_whole_text_agree_without_stop_strings(text_llm, tok):
+    """Without stop strings the text is detokenized when an output asks for it: streamed deltas (an output
+    every step) and the whole output read once at the end give the same text, for a stop-token finish with
+    and without include_stop_str_in_output, and a length finish."""
+    prompt = tok.encode("The quick brown fox")
+    full = text_llm.generate({"prompt_token_ids": prompt}, SamplingParams(max_tokens=30, **GREEDY))[0].outputs[0]
+    engine = text_llm.llm_engine
+    for extra in ({}, {"stop_token_ids": [full.token_ids[9]]},
+                  {"stop_token_ids": [full.token_ids[9]], "include_stop_str_in_output": True}):
+        params = SamplingParams(max_tokens=30, **GREEDY, **extra)
+        whole = text_llm.generate({"prompt_token_ids": prompt}, params)[0].outputs[0]
+        engine.add_request("s", prompt, params)
+        deltas = []
+        while engine.has_unfinished_requests():
+            deltas += [o.outputs[0].delta_text for o in engine.step()]
+        ids = whole.token_ids
+        kept = ids if whole.finish_reason == "length" or extra.get("include_stop_str_in_output") else ids[:-1]
+        assert "".join(deltas) == whole.text == tok.decode(kept, skip_special_tokens=True), extra
 
 
 def test_logprobs_match_a_direct_forward(model):

@@ -47,6 +47,28 @@ def test_absorbed_attention_equals_naive_in_one_mla_layer(tiny_model, assert_rel
     assert_rel_close(absorbed, naive, TOL, "MLA output")
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_naive_attention_on_cpu_runs_a_fused_kernel_not_the_math_fallback(tiny_model, masked):
+    """The value heads are narrower than the query/key heads (v_head_dim < qk_head_dim); SDPA's fused CPU
+    kernel needs equal widths, so the naive path pads the values rather than fall back to the math path
+    (about twice as slow forward + backward at training sizes)."""
+    attn = tiny_model.model.layers[1].self_attn
+    assert attn.v_dim < attn.nope + attn.rope
+    x = torch.randn(2, 9, tiny_model.cfg.hidden_size, requires_grad=True)
+    positions = _positions(0, 9, batch=2)
+    cos, sin = tiny_model.rotary(positions)
+    with torch.profiler.profile() as prof:
+        if masked:  # the prefix-shared training forward's path: an explicit boolean mask
+            q_in, latent = attn._inputs(x, cos, sin)
+            out = attn._naive_out(q_in, cos, sin, latent, torch.ones(9, 9, dtype=torch.bool).tril()[None, None])
+        else:
+            out = attn(x, cos, sin, positions, absorb=False)
+        out.sum().backward()
+    ops = {e.key for e in prof.key_averages()}
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in ops
+    assert "aten::_scaled_dot_product_attention_math" not in ops
+
+
 
 def test_folded_absorbed_path_equals_the_unfolded_one_and_follows_weight_updates(tiny_model, assert_rel_close):
     """Without autograd the absorbed path uses W_UK folded into q_b_proj and W_UV into o_proj (derived weights,

@@ -76,34 +76,34 @@ def test_speculative_greedy_equals_plain_greedy(which):
 
 
 def test_acceptance_counters_move_both_ways_and_drafts_match_training_time_mtp():
-    """After speculative decoding, the MTP cache layer holds exactly what the training-time MTP forward
-    (main hidden h_i with token i+1, all positions at once) writes: the drafts saw the right inputs."""
+    """During speculative decoding, every running sequence's MTP cache layer holds exactly what the
+    training-time MTP forward (main hidden h_i with token i+1, all positions at once) writes: the drafts saw
+    the right inputs. Checked after every step, so also after a sequence moved to a lower slot when another
+    finished (the rows' lengths differ because each step commits one or two tokens per row)."""
     model = _agreeing_mtp_model()
     cfg = model.cfg
     engine = LLMEngine(model, max_num_seqs=3, speculative="mtp")
     prompts = _prompts(cfg.vocab_size, [5, 2, 8], seed=4)
     for i, p in enumerate(prompts):
         engine.add_request(f"r{i}", p, SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True))
-    engine.step()
-    slots = {rid: r.seqs[0].slot for rid, r in engine.scheduler.running.items()}
-    final = {}
+    L, moved = cfg.num_hidden_layers, False
+    first_slot = {}
     while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                final[out.request_id] = out.prompt_token_ids + out.outputs[0].token_ids
+        engine.step()
+        for seq in engine.scheduler.running_seqs():
+            moved |= first_slot.setdefault(seq.request.request_id, seq.slot) != seq.slot
+            ids = seq.prompt_ids + seq.output_ids
+            N = len(ids)
+            ref = ModelRunner(model, 1, N, with_mtp=True)
+            h = ref.prefill([ids], [0])
+            ref.mtp_fill(h[:, :N - 1], [ids[1:]], [0])
+            got, want, s, M = engine.runner.cache, ref.cache, seq.slot, max(N - 4, 0)
+            torch.testing.assert_close(got.kv[:L, s, :N - 1], want.kv[:L, 0, :N - 1], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(got.kv[L, s, :M], want.kv[L, 0, :M], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(got.pe[L, s, :M], want.pe[L, 0, :M], atol=1e-4, rtol=1e-4)
+    assert moved, "no sequence changed slots: the test no longer covers the cache copies of compaction"
     drafted, accepted = engine.stats.spec_drafted, engine.stats.spec_accepted
     assert 0 < accepted < drafted
-    L = cfg.num_hidden_layers
-    for rid, ids in final.items():
-        N = len(ids)
-        ref = ModelRunner(model, 1, N, with_mtp=True)
-        h = ref.prefill([ids], [0])
-        ref.mtp_fill(h[:, :N - 1], [ids[1:]], [0])
-        got, want = engine.runner.cache, ref.cache
-        s = slots[rid]
-        torch.testing.assert_close(got.kv[:L, s, :N - 1], want.kv[:L, 0, :N - 1], atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(got.kv[L, s, :N - 4], want.kv[L, 0, :N - 4], atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(got.pe[L, s, :N - 4], want.pe[L, 0, :N - 4], atol=1e-4, rtol=1e-4)
 
 
 # ---- sampling: the output distribution is the plain sampler's ----------------------------------------------

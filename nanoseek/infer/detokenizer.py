@@ -31,6 +31,16 @@ class IncrementalDetokenizer:
             return after[len(before):]
         return ""
 
+    def extend(self, token_ids: list[int], flush: bool = False) -> str:
+        """Append several tokens; return the newly complete text (with flush, all of it). The first call with
+        flush is one decode of the whole list (what token-by-token adds followed by flush give)."""
+        if flush and not self.ids:
+            self.ids = list(token_ids)
+            self.prefix = self.read = len(self.ids)
+            return self._decode(self.ids)
+        text = "".join(self.add(t) for t in token_ids)
+        return text + self.flush() if flush else text
+
     def flush(self) -> str:
         """Text of the tokens held back so far (an unfinished character decodes to U+FFFD)."""
         if self.read == len(self.ids):

@@ -174,7 +174,10 @@ class LLMEngine:
         return {"drafted": s.spec_drafted, "accepted": s.spec_accepted, "acceptance_rate": s.acceptance_rate}
 
     # ---- one scheduler iteration ---------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
+    def step(self, finished_only: bool = False) -> list[RequestOutput]:
+        """One iteration (module docstring). finished_only: return only the requests that finished in it
+        (for callers that want whole results, not streams: an output copies the tokens so far, so building
+        one for every request at every step costs time quadratic in the length)."""
         with self._lock:
             progressed: dict[str, Request] = {}
             seqs = self.scheduler.running_seqs()
@@ -184,6 +187,8 @@ class LLMEngine:
                 for s in seqs:
                     progressed[s.request.request_id] = s.request
             self._release_finished(seqs)
+            for seq, old_slot in self.scheduler.compact():
+                self.runner.copy_slot(old_slot, seq.slot, seq.num_tokens)
             admitted = self.scheduler.admit()
             if admitted:
                 self._prefill(admitted)
@@ -193,7 +198,8 @@ class LLMEngine:
             self.stats.steps += 1
             outputs = []
             for req in progressed.values():
-                outputs.append(req.output())
+                if req.finished or not finished_only:
+                    outputs.append(req.output())
                 if req.finished:
                     self.scheduler.finish(req)
             return outputs

@@ -141,7 +141,7 @@ class LLM:
             from tqdm.auto import tqdm
             bar = tqdm(total=len(ids), desc="generate", unit="req")
         while len(done) < len(ids):
-            for out in engine.step():
+            for out in engine.step(finished_only=True):
                 if out.finished and out.request_id in wanted:
                     done[out.request_id] = out
                     if bar is not None:

@@ -4,6 +4,8 @@ Requests wait in arrival order (FCFS: the head of the queue is never overtaken) 
 between steps when enough slots are free for all their n samples and the padded prefill batch stays
 within `max_prefill_tokens` (the first request is always admitted, so a long prompt cannot starve).
 A slot is one row of the LatentCache; it is returned as soon as its sequence finishes or is aborted.
+`compact` keeps the running sequences in the lowest slots, so a decode step reads the cache rows
+0..B-1 as a view instead of gathering a copy of every row's history at every layer.
 """
 
 from __future__ import annotations
@@ -53,7 +55,24 @@ class Scheduler:
         return admitted
 
     def running_seqs(self) -> list[Sequence]:
-        return [s for r in self.running.values() for s in r.seqs if not s.finished]
+        """The unfinished sequences, in slot order."""
+        return sorted((s for r in self.running.values() for s in r.seqs if not s.finished), key=lambda s: s.slot)
+
+    def compact(self) -> list[tuple[Sequence, int]]:
+        """Move every running sequence that sits at or above slot B (B = running sequences) into a free
+        slot below B; returns the moves (sequence, its old slot) for the caller to copy the cache rows.
+        Each finished sequence causes at most one move, so the copies cost far less than gathering."""
+        seqs = self.running_seqs()
+        B = len(seqs)
+        holes = sorted(slot for slot in self._free if slot < B)
+        moves = []
+        for seq, hole in zip([s for s in seqs if s.slot >= B], holes):
+            moves.append((seq, seq.slot))
+            seq.slot = hole
+        if moves:
+            used = set(holes[:len(moves)])
+            self._free = sorted(set(self._free) - used | {old for _, old in moves}, reverse=True)
+        return moves
 
     def release(self, seq: Sequence) -> None:
         """Give back a sequence's slot (finished or aborted)."""

@@ -1,10 +1,12 @@
 """Per-request and per-sample state: tokens, text, stop conditions, logprobs, cache slot.
 
 A Request owns n Sequences (one per sample). A Sequence commits tokens one at a time through
-`append`, which detokenizes incrementally, applies the stop rules in vLLM's order (stop token ->
-stop string -> max_tokens) and records what is new since the last output, for streaming. While a
-sequence runs and has stop strings, the last len(longest stop) - 1 characters are held back from
-`delta_text`, so a stop string that is still forming never reaches a client.
+`append`, which applies the stop rules in vLLM's order (stop token -> stop string -> max_tokens),
+and `output` records what is new since the last output, for streaming. Text is detokenized
+incrementally: at every token when there are stop strings to look for, otherwise only when an output
+asks for it (a sequence read once, at its end, is decoded in one call). While a sequence runs and has
+stop strings, the last len(longest stop) - 1 characters are held back from `delta_text`, so a stop
+string that is still forming never reaches a client.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class Sequence:
         self.slot: int | None = None
         self.pending_h = None        # speculative decoding: main-model hidden states the MTP module still needs
         self._sent_text = 0          # what earlier outputs already reported
+        self._detok_tokens = 0       # output tokens already in `text` (lazy detokenization, no stop strings)
         self._sent_tokens = 0
         stops = self.params.stop
         self._holdback = max(map(len, stops)) - 1 if stops and not self.params.include_stop_str_in_output else 0
@@ -62,17 +65,28 @@ class Sequence:
             self.logprobs.append(position_logprobs)
         is_eos = token == eos_token_id and not p.ignore_eos
         if is_eos or token in p.stop_token_ids:
-            if self.detok:
+            if self.detok and p.stop:
                 self.text += (self.detok.add(token) + self.detok.flush() if p.include_stop_str_in_output
                               else self.detok.flush())
             return self._finish("stop", None if is_eos else token)
         old = len(self.text)
         at_length = len(self.output_ids) >= max_tokens
-        if self.detok:
+        if self.detok and p.stop:
             self.text += self.detok.add(token) + (self.detok.flush() if at_length else "")
-            if p.stop and self._check_stop_strings(old):
+            if self._check_stop_strings(old):
                 return True
         return self._finish("length", None) if at_length else False
+
+    def _sync_text(self) -> None:
+        """Without stop strings, bring `text` up to the committed tokens (a stop token's text only with
+        include_stop_str_in_output, as the eager path)."""
+        if not self.detok or self.params.stop:
+            return
+        end = len(self.output_ids)
+        if self.finish_reason == "stop" and not self.params.include_stop_str_in_output:
+            end -= 1
+        self.text += self.detok.extend(self.output_ids[self._detok_tokens:end], flush=self.finished)
+        self._detok_tokens = len(self.output_ids)
 
     def _check_stop_strings(self, old_len: int) -> bool:
         longest = max(map(len, self.params.stop))
@@ -90,6 +104,7 @@ class Sequence:
 
     def output(self) -> CompletionOutput:
         """The sample so far, with the delta since the previous call."""
+        self._sync_text()
         visible = len(self.text) if self.finished else max(self._sent_text, len(self.text) - self._holdback)
         delta_text = self.text[self._sent_text:visible]
         delta_ids = self.output_ids[self._sent_tokens:]
