@@ -102,7 +102,7 @@ class R1Config:
     sample: dict = field(default_factory=lambda: {"k": 4, "max_new_tokens": 256, "temperature": 1.0})
     rs_sft: dict = field(default_factory=lambda: {"epochs": 3, "lr": 1e-3})
     # 80 steps like the first RL stage: after 30, held-out pass@1 was still below rs_sft's (0.510 vs 0.530 on
-    # 100 problems per task), after 80 it was 0.596 (docs/r1_report.md)
+    # 100 problems per task), after 80 it was 0.587 over three seeds (docs/r1_report.md)
     rl2: dict = field(default_factory=lambda: {"steps": 80, "prompts_per_step": 32, "group_size": 8, "lr": 1e-4,
                                                "max_new_tokens": 256, "temperature": 0.7, "save_every": 40})
     distill: dict = field(default_factory=lambda: {"epochs": 3, "lr": 1e-3})
