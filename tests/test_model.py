@@ -69,7 +69,6 @@ def test_naive_attention_on_cpu_runs_a_fused_kernel_not_the_math_fallback(tiny_m
     assert "aten::_scaled_dot_product_attention_math" not in ops
 
 
-
 def test_folded_absorbed_path_equals_the_unfolded_one_and_follows_weight_updates(tiny_model, assert_rel_close):
     """Without autograd the absorbed path uses W_UK folded into q_b_proj and W_UV into o_proj (derived weights,
     cached). It must equal the unfolded path (taken with grad mode on), also after the weights change in place
