@@ -22,17 +22,14 @@ information (rounding differences may flip a near-tie argmax and the continuatio
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (EXPERTS_IMPLS, alternate, build_pair, load_hf, load_report, machine_info, median,  # noqa: E402
+from common import (EXPERTS_IMPLS, alternate, build_pair, load_hf, load_report, machine_info, median,
                     spread)
 
-from nanoseek.infer import greedy_generate  # noqa: E402
+from nanoseek.infer import greedy_generate
 
 
 def agreement(a: torch.Tensor, b: torch.Tensor, prompt_len: int) -> tuple[float, int | None]:

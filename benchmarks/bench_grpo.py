@@ -12,7 +12,7 @@ checkpointing, no vLLM. nanoseek's zero-variance filtering is off (TRL has none)
 every completion.
 
 A step is rollout + rewards + advantages + forward/backward + optimizer step: nanoseek's
-`GRPOTrainer.step()`, TRL's on_step_begin -> on_step_end (its generation happens inside the step).
+`GRPOTrainer.train_step()`, TRL's on_step_begin -> on_step_end (its generation happens inside the step).
 Side "nanoseek compiled" is the same trainer with `compile_rollouts=True` (the rollout decode steps through
 torch.compile); its compile falls in its warm-up step, which is printed and not timed (`--no-compile` skips it).
 Each side runs `--rounds` times in alternating order (A B C, C B A, ...), each run 1 warm-up step + `--steps`
@@ -27,18 +27,16 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 import tempfile
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import load_report, machine_info, median, quiet_transformers, spread  # noqa: E402
+from common import load_report, machine_info, median, quiet_transformers, spread
 
-import nanoseek  # noqa: E402
-from nanoseek.data import default_corpus, train_tokenizer  # noqa: E402
-from nanoseek.rl.data import prompt_text, task_examples  # noqa: E402
+import nanoseek
+from nanoseek.data import default_corpus, train_tokenizer
+from nanoseek.rl.data import prompt_text, task_examples
 
 
 def digit_share(completions, examples=None, **_) -> list[float]:
@@ -52,7 +50,7 @@ def build_model_dir(preset: str, vocab: int, seed: int) -> str:
     tok = train_tokenizer(default_corpus(2000), vocab_size=vocab)
     cfg = nanoseek.ModelConfig.preset(preset, vocab_size=tok.vocab_size, bos_token_id=tok.bos_id,
                                       eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
-    nanoseek.build_model(cfg, seed=seed).save_pretrained(path)
+    nanoseek.save_pretrained(nanoseek.build_model(cfg, seed=seed), path)
     tok.save(path)
     return path
 
@@ -69,7 +67,7 @@ def run_nanoseek(args, path: str, out: str, compile_rollouts: bool = False) -> t
     times, tokens = [], []
     for i in range(cfg.steps):
         t0 = time.perf_counter()
-        row = tr.step()
+        row = tr.train_step()
         dt = time.perf_counter() - t0
         if i == 0 and compile_rollouts:
             print(f"  (nanoseek compiled: warm-up step incl. compiling {dt:.1f} s)")

@@ -16,10 +16,7 @@ import time
 
 import torch
 
-try:
-    from common import load_report, machine_info  # run as a script from benchmarks/
-except ImportError:  # imported as benchmarks.bench_matmul_peak
-    from .common import load_report, machine_info
+from common import load_report, machine_info
 
 
 def measure_peak(dtype: torch.dtype = torch.float32, n: int = 2048, reps: int = 10, warmup: int = 2,

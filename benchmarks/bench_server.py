@@ -29,21 +29,20 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine_info  # noqa: E402
+from common import machine_info
 
-import httpx  # noqa: E402
+import httpx
 
-import nanoseek  # noqa: E402
-from nanoseek.data import Tokenizer, default_corpus, train_tokenizer  # noqa: E402
-from nanoseek.infer import LLM, SamplingParams  # noqa: E402
+import nanoseek
+from nanoseek.data import Tokenizer, default_corpus, train_tokenizer
+from nanoseek.infer import LLM, SamplingParams
 
 
 def build_default_model(directory: str, preset: str, seed: int) -> None:
     """A random `preset` model with a tokenizer trained on the built-in corpus, saved into `directory`."""
     tok = train_tokenizer(default_corpus(2000), vocab_size=nanoseek.ModelConfig.preset(preset).vocab_size)
     model = nanoseek.build_model(nanoseek.ModelConfig.preset(preset, vocab_size=tok.vocab_size), seed=seed)
-    model.save_pretrained(directory)
+    nanoseek.save_pretrained(model, directory)
     tok.save(directory)
 
 

@@ -10,17 +10,13 @@ the speed-up, the draft acceptance rate, and whether the outputs are token-ident
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
-from nanoseek import LLM, SamplingParams  # noqa: E402
-from nanoseek.data import generate, r1_prompt  # noqa: E402
+from nanoseek import LLM, SamplingParams
+from nanoseek.data import generate, r1_prompt
 
 
 def main() -> None:

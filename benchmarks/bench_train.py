@@ -10,8 +10,8 @@ Rows, per precision (fp32, and bf16 autocast over fp32 weights):
   HF <experts impl>    one row per HF experts implementation (default grouped_mm and eager); the ratio
                        is taken against the fastest HF row, so nanoseek is compared with HF's best on CPU.
                        (batched_mm gathers a weight copy per token-expert pair, ~3 GB per MoE layer here,
-                       and took 25-60 s per step on 2 cores, so it is not a default row; add it with
-                       --hf-experts grouped_mm,eager,batched_mm.)
+                       which makes a step far slower (benchmarks/README.md), so it is not a default row;
+                       add it with --hf-experts grouped_mm,eager,batched_mm.)
 All rows run in one process, alternating every step (order flipped each round), after warm-up steps.
 
 MFU = (model FLOPs/token x tokens/s) / measured matmul peak of the same dtype (bench_matmul_peak.py).
@@ -30,16 +30,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
-import sys
 
 import torch
 import torch.nn.functional as F
 from torch.profiler import record_function
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_matmul_peak import measure_peak  # noqa: E402
-from common import (EXPERTS_IMPLS, alternate, build_pair, fmt_int, load_hf, load_report,  # noqa: E402
+from bench_matmul_peak import measure_peak
+from common import (EXPERTS_IMPLS, alternate, build_pair, fmt_int, load_hf, load_report,
                     machine_info, median, spread, train_flops_per_token)
 
 MTP_WEIGHT = 0.3

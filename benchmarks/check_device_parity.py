@@ -15,19 +15,15 @@ same weights on both devices it compares, in float32:
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from nanoseek import LLM, SamplingParams, from_pretrained  # noqa: E402
-from nanoseek.data.tokenizer import Tokenizer  # noqa: E402
-from nanoseek.rl import EvalConfig, evaluate  # noqa: E402
-from nanoseek.rl.data import prompt_ids, task_examples  # noqa: E402
+from nanoseek import LLM, SamplingParams, from_pretrained
+from nanoseek.data.tokenizer import Tokenizer
+from nanoseek.rl import EvalConfig, evaluate
+from nanoseek.rl.data import prompt_ids, task_examples
 
 
 def greedy(model, tok, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:

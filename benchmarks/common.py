@@ -2,9 +2,9 @@
 
 Every benchmark runs nanoseek and its peer in ONE process and alternates them (A B, B A, A B, ...), so
 background noise and thermal drift hit both sides equally. What one side leaves behind does not: after a
-TRL GRPO run (about 0.7 GB more resident memory), nanoseek's next GRPO steps in the same process measured
-~30% slower than its first ones (bench_grpo.py rounds: 0.74 vs 0.97 s/step), so read the per-round lines
-next to the medians.
+TRL GRPO run (which leaves more resident memory behind), nanoseek's next GRPO steps in the same process
+measured slower than its first ones (figures: benchmarks/README.md, "Figures cited from code"), so read
+the per-round lines next to the medians.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import os
 import platform
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 import warnings
@@ -29,12 +28,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
-# Make `python benchmarks/bench_x.py` work from the repository root without installing anything.
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-
-import nanoseek  # noqa: E402
+import nanoseek  # noqa: E402  (after the switches above)
 
 EXPERTS_IMPLS = ("eager", "grouped_mm", "batched_mm")
 
@@ -91,8 +85,8 @@ def load_report(when: str) -> str:
                  "(the alternation keeps the nanoseek/HF ratios comparable)")
         if os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
             line += ("\n  TIP: on a shared machine run with OMP_WAIT_POLICY=PASSIVE: spinning OpenMP threads sharing "
-                     "the cores with other jobs made single steps 10-20x slower here (on an idle machine PASSIVE "
-                     "costs ~10-20%, so it is not the default)")
+                     "the cores with other jobs slow every step down many times over; on an idle machine PASSIVE "
+                     "costs some speed, so it is not the default (figures: benchmarks/README.md, \"Noise\")")
     return line
 
 
@@ -169,7 +163,7 @@ def build_pair(preset: str = "small", seed: int = 0, experts_implementation: str
     if path is None:
         path = tempfile.mkdtemp(prefix=f"nanoseek-bench-{preset}-")
         atexit.register(shutil.rmtree, path, ignore_errors=True)
-    ns.save_pretrained(path)
+    nanoseek.save_pretrained(ns, path)
     hf = load_hf(path, experts_implementation, attn_implementation)
     ns, hf = ns.to(dtype), hf.to(dtype)
     return Pair(cfg, ns, hf, path)

@@ -16,25 +16,31 @@ from __future__ import annotations
 
 import argparse
 import collections
-import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine_info  # noqa: E402
+from common import machine_info
 
-import nanoseek  # noqa: E402
-from nanoseek.model.mla import MLA  # noqa: E402
-from nanoseek.model.moe import MLP, Experts, Gate  # noqa: E402
+import nanoseek
+from nanoseek.model.mla import MLA
+from nanoseek.model.moe import MLP, Gate, MoE
 
-PARTS = {MLA: "attention (MLA)", Experts: "routed experts", Gate: "router", MLP: "dense + shared MLPs"}
+PARTS = {MLA: "attention (MLA)", Gate: "router", MLP: "dense + shared MLPs"}
+ROUTED = "routed experts"  # MoE.routed: dispatch -> experts -> combine, or an inference fast path
 
 
 def time_modules(model: torch.nn.Module) -> collections.Counter:
-    """Seconds spent in each PARTS kind of module, accumulated by forward hooks."""
+    """Seconds spent in each PARTS kind of module (forward hooks) and in the routed experts (MoE.routed)."""
     spent, started = collections.Counter(), {}
+
+    def timed(routed):
+        def run(*args):
+            t0 = time.perf_counter()
+            out = routed(*args)
+            spent[ROUTED] += time.perf_counter() - t0
+            return out
+        return run
 
     def pre(mod, _args):
         started[mod] = time.perf_counter()
@@ -46,6 +52,8 @@ def time_modules(model: torch.nn.Module) -> collections.Counter:
         if type(mod) in PARTS:
             mod.register_forward_pre_hook(pre)
             mod.register_forward_hook(post)
+        elif isinstance(mod, MoE):
+            mod.routed = timed(mod.routed)
     return spent
 
 
@@ -76,7 +84,7 @@ def decode_breakdown(args) -> None:
     n, total = len(steps), sum(steps)
     print(f"\ndecode step at {args.prompts * args.n} rows (last of {args.reps} generate calls, {n} steps): "
           f"{total / n * 1e3:.2f} ms")
-    for name in PARTS.values():
+    for name in [PARTS[MLA], ROUTED, *list(PARTS.values())[1:]]:
         print(f"  {name:22s} {spent[name] / n * 1e3:6.2f} ms")
     print(f"  {'rest':22s} {(total - sum(spent.values())) / n * 1e3:6.2f} ms")
 

@@ -1,5 +1,5 @@
 """HF-format checkpoints: load and save `config.json` + safetensors (single or sharded with
-`model.safetensors.index.json`), including DeepSeek's FP8 checkpoints (v3_spec.md §5.3, §6).
+`model.safetensors.index.json`), including DeepSeek's FP8 checkpoints (docs/design/checkpoints.md, docs/design/mtp.md).
 
 Name mapping between the module tree and the HF layout:
 - routed experts are stacked in nanoseek (`mlp.experts.gate_up_proj` (E, 2I, D), `down_proj` (E, D, I))
@@ -198,9 +198,7 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
                               + ", ".join(_internal_to_hf(k, cfg) for k in missing[:8])
                               + (" ..." if len(missing) > 8 else ""))
     model.load_state_dict(state, assign=True, strict=True)
-    model.rotary = type(model.rotary)(cfg)  # its frequency table was built on the meta device
-    for _, moe in model.moe_layers():
-        moe.tokens_per_expert = torch.zeros(cfg.n_routed_experts, dtype=torch.long, device=device)
+    model.init_buffers(device)
     return model.eval()
 
 
@@ -223,8 +221,8 @@ _FP8_MODULES = {"q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_pr
 
 
 def _quantizable(hf_name: str) -> bool:
-    """Which weights the released checkpoints store in FP8: attention/MLP/expert projections (§6.3);
-    never norms, embeddings, the head, the router or the MTP eh_proj."""
+    """Which weights the released checkpoints store in FP8: attention/MLP/expert projections, never norms,
+    embeddings, the head, the router or the MTP eh_proj (docs/design/checkpoints.md, "Tensor inventory")."""
     parts = hf_name.split(".")
     return parts[-1] == "weight" and parts[-2] in _FP8_MODULES
 

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from .checkpoint import CheckpointError, from_pretrained
+from .checkpoint import CheckpointError, from_pretrained, save_pretrained
 from .config import ConfigError, ModelConfig, PRESETS
 from .model import build_model
 
@@ -67,7 +67,7 @@ def cmd_demo(args) -> None:
           f"{cfg.mha_cache_bytes_per_token(2):,} B for MHA")
     with tempfile.TemporaryDirectory() as tmp:
         out_dir = args.out or tmp
-        model.save_pretrained(out_dir)
+        save_pretrained(model, out_dir)
         reloaded = from_pretrained(out_dir, dtype=torch.float32)
         with torch.no_grad():
             diff = (reloaded(ids) - logits).abs().max().item()
@@ -84,12 +84,12 @@ def cmd_train(args) -> None:
     trainer = Trainer(cfg, args.out, resume=args.resume, progress=not args.no_progress)
     print(f"training {cfg.preset!r} ({trainer.model.num_parameters():,} parameters) for {cfg.max_steps} steps "
           f"of {cfg.grad_accum * cfg.batch_size * cfg.seq_len:,} tokens into {args.out}"
-          + (f", resuming at step {trainer.step}" if trainer.step else ""))
+          + (f", resuming at step {trainer.run.step}" if trainer.run.step else ""))
     last = trainer.fit()
     if last:
         print(f"done: step {last['step']}, loss {last['loss']:.4f}"
               + (f", val {last['val_loss']:.4f}" if "val_loss" in last else "")
-              + f"; checkpoints in {trainer.ckpt_dir}, metrics and plots in {args.out}")
+              + f"; checkpoints in {trainer.run.ckpt_dir}, metrics and plots in {args.out}")
 
 
 def cmd_tokenizer(args) -> None:

@@ -1,6 +1,6 @@
 """ModelConfig: the architecture hyper-parameters of a DeepSeek-V2/V3-style model.
 
-Field names follow the HF `config.json` keys (reference/v3_spec.md §6.1), so `from_hf` and `to_hf`
+Field names follow the HF `config.json` keys (docs/design/checkpoints.md), so `from_hf` and `to_hf`
 are mostly renames-free. Every field is validated in `__post_init__`; an invalid value raises
 `ConfigError` naming the field and the rule it breaks.
 """
@@ -16,7 +16,64 @@ from typing import Any
 
 
 class ConfigError(ValueError):
-    """An invalid ModelConfig field; the message names the field and the rule."""
+    """An invalid config field; the message names the class, the field and the rule."""
+
+
+def is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    """A finite int or float (not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+class Validator:
+    """The checks of a config dataclass's `__post_init__`, shared by the training configs: a failed check raises
+    ConfigError "<Class>.<field> <rule> (got <value>)"."""
+
+    def __init__(self, cfg):
+        self.cfg, self.cls = cfg, type(cfg).__name__
+
+    def require(self, ok: bool, field: str, rule: str) -> None:
+        if not ok:
+            got = f" (got {getattr(self.cfg, field)!r})" if hasattr(self.cfg, field) else ""
+            raise ConfigError(f"{self.cls}.{field} {rule}{got}")
+
+    def ints(self, *fields: str, minimum: int = 1, optional: bool = False) -> None:
+        """Each field an int >= minimum (or None when optional)."""
+        rule = "must be a positive int" if minimum == 1 else f"must be an int >= {minimum}"
+        for f in fields:
+            v = getattr(self.cfg, f)
+            self.require((optional and v is None) or (is_int(v) and v >= minimum), f,
+                         rule + (" or None" if optional else ""))
+
+    def number(self, field: str, low: float | None = None, high: float | None = None, *,
+               open_low: bool = False, open_high: bool = False) -> None:
+        """A finite number in the interval given by low/high (None: unbounded on that side)."""
+        v = getattr(self.cfg, field)
+        ok = is_number(v) and (low is None or (v > low if open_low else v >= low)) and \
+            (high is None or (v < high if open_high else v <= high))
+        if high is None:
+            rule = "must be a finite number" + ("" if low is None else f" {'>' if open_low else '>='} {low}")
+        else:
+            rule = f"must be in {'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+        self.require(ok, field, rule)
+
+    def one_of(self, field: str, choices) -> None:
+        self.require(getattr(self.cfg, field) in choices, field, f"must be one of {tuple(choices)}")
+
+    def flags(self, *fields: str) -> None:
+        for f in fields:
+            self.require(isinstance(getattr(self.cfg, f), bool), f, "must be true or false")
+
+    def paths(self, field: str) -> None:
+        """A list of file paths; a single path is accepted and wrapped."""
+        v = getattr(self.cfg, field)
+        if isinstance(v, (str, os.PathLike)):
+            setattr(self.cfg, field, [os.fspath(v)])
+        v = getattr(self.cfg, field)
+        self.require(isinstance(v, list) and all(isinstance(p, str) for p in v), field, "must be a list of file paths")
 
 
 def read_config_file(cls, path: str | os.PathLike) -> dict:
@@ -149,7 +206,7 @@ class ModelConfig:
 
     @property
     def softmax_scale(self) -> float:
-        """qk_head_dim^-0.5, times mscale(factor, mscale_all_dim)^2 under YaRN (v3_spec §2.3, HF semantics)."""
+        """qk_head_dim^-0.5, times mscale(factor, mscale_all_dim)^2 under YaRN (HF semantics; docs/design/mla.md)."""
         scale = self.qk_head_dim ** -0.5
         rs = self.rope_scaling
         if rs is not None and rs.get("mscale_all_dim"):

@@ -33,6 +33,6 @@ def train_tiny(tok, steps: int = 80) -> nanoseek.Transformer:
 def save_chat_model(d) -> str:
     """Train the tokenizer and the model and save both into folder `d`."""
     tok = train_tokenizer(default_corpus(200), vocab_size=512)
-    train_tiny(tok).save_pretrained(d)
+    nanoseek.save_pretrained(train_tiny(tok), d)
     tok.save(d)
     return str(d)

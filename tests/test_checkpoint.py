@@ -48,7 +48,7 @@ def _only_safetensors_and_json(folder) -> list[str]:
 def saved(tiny_model, tmp_path_factory):
     """The perturbed tiny model (with MTP) saved once, single-file."""
     path = tmp_path_factory.mktemp("saved")
-    tiny_model.save_pretrained(path)
+    nanoseek.save_pretrained(tiny_model, path)
     return path
 
 
@@ -83,7 +83,7 @@ def test_round_trip_sharded(tiny_model, tmp_path):
 
 def test_resaving_into_the_same_folder_leaves_no_stale_files(tiny_model, tmp_path):
     save_pretrained(tiny_model, tmp_path, max_shard_bytes=50_000)
-    tiny_model.save_pretrained(tmp_path)
+    nanoseek.save_pretrained(tiny_model, tmp_path)
     assert _only_safetensors_and_json(tmp_path) == ["config.json", "model.safetensors"]
     _assert_same_model(tiny_model, nanoseek.from_pretrained(tmp_path))
     save_pretrained(tiny_model, tmp_path, max_shard_bytes=50_000)
@@ -93,7 +93,7 @@ def test_resaving_into_the_same_folder_leaves_no_stale_files(tiny_model, tmp_pat
 
 def test_round_trip_bf16(tiny_model, tmp_path):
     model = copy.deepcopy(tiny_model).to(torch.bfloat16)
-    model.save_pretrained(tmp_path)
+    nanoseek.save_pretrained(model, tmp_path)
     with open(tmp_path / "config.json") as f:
         assert json.load(f)["torch_dtype"] == "bfloat16"
     back = nanoseek.from_pretrained(tmp_path)  # dtype from config.json
@@ -206,8 +206,9 @@ _FP8_MODULES = {"q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_pr
 
 
 def test_fp8_save_quantizes_what_the_released_checkpoints_quantize(tiny_model, tmp_path):
-    """reference/v3_spec.md §6.3: every attention, dense-MLP, expert and shared-expert projection (the MTP block's
-    too) is FP8 with a block scale; embeddings, head, norms, router, bias, eh_proj and the MTP copies are not."""
+    """docs/design/checkpoints.md, "Tensor inventory": every attention, dense-MLP, expert and shared-expert
+    projection (the MTP block's too) is FP8 with a block scale; embeddings, head, norms, router, bias, eh_proj
+    and the MTP copies are not."""
     save_pretrained(tiny_model, tmp_path, fp8=True)
     _only_safetensors_and_json(tmp_path)
     tensors = load_file(tmp_path / "model.safetensors")
@@ -318,7 +319,7 @@ def test_one_mis_shaped_expert_raises_checkpoint_error_naming_it(expert, shape, 
 def test_layers_beyond_the_config_are_not_silently_dropped(mtp, make_model, tmp_path):
     """A 3-layer checkpoint whose config.json says 2 layers must not load as a truncated 2-layer model."""
     model = make_model(nanoseek.ModelConfig.preset("tiny", num_hidden_layers=3, num_nextn_predict_layers=0), seed=2)
-    model.save_pretrained(tmp_path)
+    nanoseek.save_pretrained(model, tmp_path)
     with open(tmp_path / "config.json") as f:
         hf = json.load(f)
     hf["num_hidden_layers"] = 2
@@ -368,7 +369,7 @@ def test_not_a_checkpoint_folder(tmp_path):
 
 
 def test_no_pickle_is_ever_written(tiny_model, tmp_path):
-    tiny_model.save_pretrained(tmp_path / "single")
+    nanoseek.save_pretrained(tiny_model, tmp_path / "single")
     save_pretrained(tiny_model, tmp_path / "sharded", max_shard_bytes=50_000)
     save_pretrained(tiny_model, tmp_path / "fp8", fp8=True)
     for sub in ("single", "sharded", "fp8"):

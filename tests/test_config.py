@@ -1,4 +1,5 @@
-"""ModelConfig: presets, parameter counts against the spec, HF config mapping and validation."""
+"""ModelConfig: presets, parameter counts against the published figures (docs/design/checkpoints.md), HF config
+mapping and validation."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 import nanoseek
 from nanoseek import ConfigError, ModelConfig
 
-# reference/v3_spec.md §6.1: the HF-hub config.json of deepseek-ai/DeepSeek-V3 (rope_scaling with `type`).
+# The HF-hub config.json of deepseek-ai/DeepSeek-V3 (rope_scaling with `type`); docs/design/checkpoints.md.
 V3_HUB_CONFIG = {
     "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
     "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekV3Config",
@@ -35,7 +36,7 @@ V3_HUB_CONFIG = {
     "use_cache": True, "v_head_dim": 128, "vocab_size": 129280,
 }
 
-# reference/v3_spec.md §9.2: DeepSeek-V2-Lite's HF config (no num_nextn_predict_layers: V2 has no MTP).
+# DeepSeek-V2-Lite's HF-hub config.json (no num_nextn_predict_layers: V2 has no MTP).
 V2_LITE_HUB_CONFIG = {
     "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2", "vocab_size": 102400,
     "hidden_size": 2048, "intermediate_size": 10944, "moe_intermediate_size": 1408, "num_hidden_layers": 27,
@@ -87,16 +88,16 @@ def v3_meta():
 
 
 def test_v3_671b_parameter_counts(v3_meta):
-    """reference/v3_spec.md §1.3: main model 671,026,419,200; activated 37,552,297,472 including the input
-    embedding (36,625,618,432 without it). `num_parameters(activated=True)` keeps the embedding and the
-    head and drops the 248 unchosen routed experts of each of the 58 MoE layers."""
+    """docs/design/checkpoints.md, "Reference parameter counts": main model 671,026,419,200; activated
+    37,552,297,472 including the input embedding (36,625,618,432 without it). `num_parameters(activated=True)`
+    keeps the embedding and the head and drops the 248 unchosen routed experts of each of the 58 MoE layers."""
     cfg = v3_meta.cfg
     assert next(v3_meta.parameters()).device.type == "meta"
     assert v3_meta.num_parameters() == 671_026_419_200
     activated = v3_meta.num_parameters(activated=True)
     assert activated == 37_552_297_472
     assert activated - cfg.vocab_size * cfg.hidden_size == 36_625_618_432
-    # the MTP module (excluded from both counts) holds the spec's 11,610,068,224 values (§1.3)
+    # the MTP module (excluded from both counts) holds 11,610,068,224 values of its own (same note)
     mtp = sum(t.numel() for n, t in v3_meta.state_dict().items() if n.startswith("mtp."))
     assert mtp == 11_610_068_224
 
@@ -117,7 +118,7 @@ def test_v3_671b_structure(v3_meta):
 
 
 def test_v2_lite_parameter_counts():
-    """reference/v3_spec.md §9.2: 15.706B total, 2.45B activated excluding the input embedding."""
+    """docs/design/checkpoints.md: 15.706B total, 2.45B activated excluding the input embedding."""
     cfg = ModelConfig.preset("v2-lite")
     model = nanoseek.build_model(cfg, device="meta")
     assert len(model.mtp) == 0
@@ -127,7 +128,7 @@ def test_v2_lite_parameter_counts():
 
 
 def test_softmax_scale_matches_spec():
-    """reference/v3_spec.md §2.3: 192^-0.5 * (0.1 * mscale_all_dim * ln 40 + 1)^2."""
+    """docs/design/mla.md, "Softmax scale": 192^-0.5 * (0.1 * mscale_all_dim * ln 40 + 1)^2."""
     assert ModelConfig.preset("v3-671b").softmax_scale == pytest.approx(0.1352338, abs=1e-6)
     assert ModelConfig.preset("v2-lite").softmax_scale == pytest.approx(0.1147214, abs=1e-6)
     plain = ModelConfig.preset("tiny", rope_scaling=None)
@@ -135,7 +136,8 @@ def test_softmax_scale_matches_spec():
 
 
 def test_kv_cache_bytes_of_v3_match_spec():
-    """reference/v3_spec.md §2.5: 70,272 bytes/token in BF16 for MLA vs 4,997,120 for the expanded K/V."""
+    """docs/design/mla.md, "What the cache holds": 70,272 bytes/token in BF16 for MLA vs 4,997,120 for the
+    expanded K/V."""
     cfg = ModelConfig.preset("v3-671b")
     assert cfg.kv_cache_bytes_per_token(2) == 70_272
     assert cfg.mha_cache_bytes_per_token(2) == 4_997_120
@@ -176,7 +178,7 @@ def test_from_hf_reads_a_file_and_a_folder(tmp_path):
 
 def test_from_hf_on_the_v3_hub_config():
     cfg = ModelConfig.from_hf(V3_HUB_CONFIG)
-    # the hub config differs from the preset only in the init std (0.02 vs the report's 0.006, spec §1.2)
+    # the hub config differs from the preset only in the init std (0.02 vs the report's 0.006; checkpoints.md)
     assert cfg == ModelConfig.preset("v3-671b", initializer_range=0.02)
     rs = cfg.rope_scaling
     assert (rs["factor"], rs["original_max_position_embeddings"], rs["mscale_all_dim"]) == (40, 4096, 1.0)

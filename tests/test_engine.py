@@ -57,7 +57,7 @@ def test_greedy_generate_matches_hf_transformers(tmp_path):
     transformers = pytest.importorskip("transformers")
     transformers.logging.set_verbosity_error()
     src = _model(seed=11)
-    src.save_pretrained(tmp_path)
+    nanoseek.save_pretrained(src, tmp_path)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32,
                                                            attn_implementation="eager").eval()
     hf.generation_config.eos_token_id = None   # transformers falls back to it when the call's eos is None

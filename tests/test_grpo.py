@@ -40,7 +40,7 @@ def constant(completions, examples=None, **_):
 def init_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("grpo_init")
     tok = train_tokenizer(default_corpus(200), vocab_size=512)
-    nanoseek.build_model(nanoseek.ModelConfig.preset("tiny", vocab_size=tok.vocab_size), seed=0).save_pretrained(d)
+    nanoseek.save_pretrained(nanoseek.build_model(nanoseek.ModelConfig.preset("tiny", vocab_size=tok.vocab_size), seed=0), d)
     tok.save(d)
     return str(d)
 
@@ -101,7 +101,7 @@ def test_training_logprobs_match_the_sampler(init_dir):
 def test_engine_reused_after_updates_samples_like_a_fresh_one(init_dir, tmp_path):
     tr = trainer(init_dir, tmp_path, toy_cfg(steps=2))
     before = [p.detach().clone() for p in tr.model.parameters()]
-    tr.step()
+    tr.train_step()
     assert any(not torch.equal(a, p) for a, p in zip(before, tr.model.parameters()))
     params = SamplingParams(max_tokens=12, temperature=0)
     prompts = [{"prompt_token_ids": p} for p in tr.prompts[:3]]
@@ -115,14 +115,14 @@ def test_engine_reused_after_updates_samples_like_a_fresh_one(init_dir, tmp_path
 def test_beta_loads_a_reference_and_logs_kl(init_dir, tmp_path):
     tr = trainer(init_dir, tmp_path, toy_cfg(steps=2, beta=0.1))
     assert tr.ref is not None and not any(p.requires_grad for p in tr.ref.parameters())
-    first, second = tr.step(), tr.step()
+    first, second = tr.train_step(), tr.train_step()
     assert first["kl"] == 0.0                 # policy == reference before the first update
     assert 0.0 < second["kl"] < 1.0 and math.isfinite(second["kl"])
     assert trainer(init_dir, tmp_path / "b0", toy_cfg(steps=1)).ref is None
 
 
 def test_mu_above_one_moves_the_ratio_and_clips(init_dir, tmp_path):
-    row = trainer(init_dir, tmp_path, toy_cfg(steps=1, mu=4, lr=1e-2, eps_low=0.01, eps_high=0.01)).step()
+    row = trainer(init_dir, tmp_path, toy_cfg(steps=1, mu=4, lr=1e-2, eps_low=0.01, eps_high=0.01)).train_step()
     assert row["ratio_mean"] != 1.0
     assert row["clip_ratio"] > 0.0 and row["clip_ratio/low"] + row["clip_ratio/high"] == pytest.approx(
         row["clip_ratio"])
@@ -134,9 +134,9 @@ def test_micro_batches_do_not_change_the_gradient(init_dir, tmp_path, loss_type)
         tr = trainer(init_dir, tmp_path / f"{loss_type}{micro}", toy_cfg(steps=1, micro_batch=micro,
                                                                         loss_type=loss_type, grad_clip=0.0))
         seen = []
-        tr.optimizer.step = lambda: seen.append(torch.cat([p.grad.flatten() for p in tr.model.parameters()
+        tr.run.optimizer.step = lambda: seen.append(torch.cat([p.grad.flatten() for p in tr.model.parameters()
                                                             if p.grad is not None]))
-        tr.step()
+        tr.train_step()
         return seen[0]
 
     whole, split = grads(32), grads(5)
@@ -147,12 +147,12 @@ def test_micro_batches_do_not_change_the_gradient(init_dir, tmp_path, loss_type)
 def test_zero_variance_groups_are_filtered(init_dir, tmp_path):
     tr = trainer(init_dir, tmp_path, toy_cfg(steps=1, rewards={"const": 1.0}), reward_fns={"const": constant})
     w = tr.model.lm_head.weight.detach().clone()
-    row = tr.step()
+    row = tr.train_step()
     assert row["frac_reward_zero_std"] == 1.0 and row["trained_completions"] == 0
     assert torch.equal(tr.model.lm_head.weight, w)          # nothing to learn, no update
     tr = trainer(init_dir, tmp_path / "keep", toy_cfg(steps=1, rewards={"const": 1.0}, filter_zero_variance=False),
                  reward_fns={"const": constant})
-    assert tr.step()["trained_completions"] == 32
+    assert tr.train_step()["trained_completions"] == 32
 
 
 def low_ids_but_flat_on_arithmetic(completions, examples=None, completion_ids=None, **_):
@@ -163,14 +163,14 @@ def low_ids_but_flat_on_arithmetic(completions, examples=None, completion_ids=No
 
 def test_dynamic_sampling_refills_dropped_groups(init_dir, tmp_path):
     fns = {"mixed": low_ids_but_flat_on_arithmetic}
-    plain = trainer(init_dir, tmp_path / "plain", toy_cfg(steps=1, rewards={"mixed": 1.0}), reward_fns=fns).step()
+    plain = trainer(init_dir, tmp_path / "plain", toy_cfg(steps=1, rewards={"mixed": 1.0}), reward_fns=fns).train_step()
     assert plain["rollout_prompts"] == 4 and 0 < plain["trained_completions"] < 32   # arithmetic groups dropped
     runs = [trainer(init_dir, tmp_path / f"dyn{i}", toy_cfg(steps=1, rewards={"mixed": 1.0}, dynamic_sampling=3),
-                    reward_fns=fns).step() for i in range(2)]
+                    reward_fns=fns).train_step() for i in range(2)]
     assert runs[0]["rollout_prompts"] > 4 and runs[0]["trained_completions"] == 32  # refilled to 4 groups
     assert {k: v for k, v in runs[0].items() if k not in TIMING} == {k: v for k, v in runs[1].items() if k not in TIMING}
     never = trainer(init_dir, tmp_path / "const", toy_cfg(steps=1, rewards={"const": 1.0}, dynamic_sampling=2),
-                    reward_fns={"const": constant}).step()
+                    reward_fns={"const": constant}).train_step()
     assert never["rollout_prompts"] > 4 and never["trained_completions"] == 0        # gives up after 2 rounds
 
 
@@ -205,7 +205,7 @@ def test_equation_credit_trains_groups_with_equal_outcomes(init_dir, tmp_path, m
         fake = Rollout([prompt] * 4, ids, texts, [False] * 4, [problem] * 4, sum(map(len, ids)))
         monkeypatch.setattr(grpo_module, "sample_groups", lambda *a, fake=fake: fake)  # the trainer scores it
         w = tr.model.lm_head.weight.detach().clone()
-        row = tr.step()
+        row = tr.train_step()
         assert row["frac_reward_zero_std"] == 1.0 and row["trained_completions"] == 4 * (weight > 0)
         assert torch.equal(tr.model.lm_head.weight, w) == (weight == 0)
 
@@ -216,10 +216,10 @@ def test_positive_only_trains_on_the_better_completions(init_dir, tmp_path, monk
     loss = grpo_module.grpo_loss
     monkeypatch.setattr(grpo_module, "grpo_loss", lambda logp, old, ref, adv, *a, **k: (seen.append(adv), loss(
         logp, old, ref, adv, *a, **k))[1])
-    full = trainer(init_dir, tmp_path / "all", toy_cfg(steps=1)).step()
+    full = trainer(init_dir, tmp_path / "all", toy_cfg(steps=1)).train_step()
     assert (torch.cat(seen) < 0).any()
     seen.clear()
-    pos = trainer(init_dir, tmp_path / "pos", toy_cfg(steps=1, positive_only=True)).step()
+    pos = trainer(init_dir, tmp_path / "pos", toy_cfg(steps=1, positive_only=True)).train_step()
     adv = torch.cat(seen)
     assert pos["reward"] == full["reward"]                      # same seed, same samples and rewards
     assert (adv > 0).all() and len(adv) == pos["trained_completions"] < full["trained_completions"]
@@ -230,7 +230,7 @@ def test_resume_repeats_the_uninterrupted_run(init_dir, tmp_path):
     full.fit()
     trainer(init_dir, tmp_path / "cut", toy_cfg(steps=2)).fit()             # "killed" after its step-2 checkpoint
     resumed = trainer(init_dir, tmp_path / "cut", toy_cfg(steps=4), resume=True)
-    assert resumed.global_step == 2
+    assert resumed.run.step == 2
     resumed.fit()
     a, b = rows(tmp_path / "full"), rows(tmp_path / "cut")
     assert [r["step"] for r in b] == [1, 2, 3, 4]

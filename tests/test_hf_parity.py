@@ -35,7 +35,11 @@ def _hf_logits(model, ids):
     return model(ids, attention_mask=torch.ones_like(ids)).logits
 
 
-def _routing_is_nontrivial(model: nanoseek.Transformer) -> None:
+def _routing_is_nontrivial(model: nanoseek.Transformer, ids: torch.Tensor) -> None:
+    """The case routes tokens to several experts per layer (training forwards count them in tokens_per_expert)."""
+    with torch.no_grad():
+        model.train()(ids)
+    model.eval()
     for name, moe in model.moe_layers():
         used = int((moe.tokens_per_expert > 0).sum())
         assert used >= min(4, moe.n_experts), f"{name}: only {used} experts received tokens"
@@ -58,7 +62,7 @@ def test_v3_logits_match_hf(name, hf_checkpoint, load_nanoseek, assert_rel_close
     with torch.no_grad():
         got = ns(ids)
     assert_rel_close(got, _hf_logits(hf, ids), TOL, f"{name} logits")
-    _routing_is_nontrivial(ns)
+    _routing_is_nontrivial(ns, ids)
 
 
 def test_parity_case_is_sensitive_to_yarn(hf_checkpoint, load_nanoseek, rel_err):
@@ -95,7 +99,7 @@ def test_v2_logits_match_hf(name, hf_checkpoint, load_nanoseek, assert_rel_close
     with torch.no_grad():
         got = ns(ids)
     assert_rel_close(got, _hf_logits(hf, ids), TOL, f"{name} logits")
-    _routing_is_nontrivial(ns)
+    _routing_is_nontrivial(ns, ids)
 
 
 # ---- (c) FP8 checkpoints ---------------------------------------------------------------------------
@@ -200,7 +204,7 @@ def _check_hf_load(folder, model: nanoseek.Transformer, assert_rel_close):
 @pytest.mark.parametrize("which", ["v3_with_mtp", "v2"])
 def test_export_loads_in_transformers(which, export_models, tmp_path, assert_rel_close):
     model = export_models[which]
-    model.save_pretrained(tmp_path)
+    nanoseek.save_pretrained(model, tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]
     _check_hf_load(tmp_path, model, assert_rel_close)
     if model.cfg.num_nextn_predict_layers:
@@ -215,7 +219,7 @@ def test_export_loads_in_transformers(which, export_models, tmp_path, assert_rel
 def test_sharded_export_loads_in_transformers_and_nanoseek(which, export_models, tmp_path, assert_rel_close,
                                                            load_nanoseek):
     model = export_models[which]
-    model.save_pretrained(tmp_path, safe_max_shard_bytes=64 * 1024)
+    nanoseek.save_pretrained(model, tmp_path, max_shard_bytes=64 * 1024)
     files = sorted(os.listdir(tmp_path))
     shards = [f for f in files if f.endswith(".safetensors")]
     assert "model.safetensors.index.json" in files and len(shards) > 2

@@ -340,7 +340,7 @@ def test_main_loss_reaches_every_main_parameter(make_model):
 
 
 def test_mtp_projection_takes_the_embedding_first_then_the_hidden_state(make_model):
-    """reference/v3_spec.md §5.1: h'_i = eh_proj [enorm(Emb(t_{i+k})) ; hnorm(h_i)] -- the released eh_proj's first
+    """docs/design/mtp.md: h'_i = eh_proj [enorm(Emb(t_{i+k})) ; hnorm(h_i)] -- the released eh_proj's first
     hidden_size input columns multiply the normalized embedding, the last ones the normalized hidden state."""
     model = make_model(ModelConfig.preset("tiny", num_nextn_predict_layers=1), seed=51)
     D = model.cfg.hidden_size

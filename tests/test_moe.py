@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from nanoseek import ModelConfig
-from nanoseek.model.moe import Experts, Gate, MoE
+from nanoseek.model.moe import Experts, Gate, MoE, combine, dispatch
 
 
 def _cfg(**overrides) -> ModelConfig:
@@ -45,14 +45,20 @@ def _experts_reference(x, w, idx, gate_up, down):
     return torch.stack(out)
 
 
-def test_grouped_experts_equal_a_per_expert_loop_forward_and_backward(assert_rel_close):
+def _moe_with_random_experts(cfg: ModelConfig, seed: int) -> MoE:
+    moe = MoE(cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        moe.experts.gate_up_proj.copy_(0.3 * torch.randn(moe.experts.gate_up_proj.shape, generator=g))
+        moe.experts.down_proj.copy_(0.3 * torch.randn(moe.experts.down_proj.shape, generator=g))
+    return moe
+
+
+def test_dispatch_experts_combine_equal_a_per_expert_loop_forward_and_backward(assert_rel_close):
     cfg = _cfg(hidden_size=24, moe_intermediate_size=16, n_routed_experts=6, n_group=3, topk_group=2,
                num_experts_per_tok=2)
-    experts = Experts(cfg)
+    experts = _moe_with_random_experts(cfg, 0).experts
     g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        experts.gate_up_proj.copy_(0.3 * torch.randn(experts.gate_up_proj.shape, generator=g))
-        experts.down_proj.copy_(0.3 * torch.randn(experts.down_proj.shape, generator=g))
     N, K = 21, 2
     # distinct experts per token, drawn from 0..4 only: expert 5 receives no token (an empty group)
     idx = torch.stack([torch.randperm(5, generator=g)[:K] for _ in range(N)])
@@ -62,7 +68,10 @@ def test_grouped_experts_equal_a_per_expert_loop_forward_and_backward(assert_rel
     w = torch.rand(N, K, generator=g).requires_grad_()
     probe = torch.randn(N, 24, generator=g)
 
-    y = experts(x, w, idx, counts)
+    x_SD, order, token = dispatch(x, idx, experts.compute_dtype(x))
+    assert torch.equal(idx.flatten()[order], idx.flatten().sort(stable=True).values)   # rows grouped by expert
+    assert torch.equal(x_SD, x.detach()[token])
+    y = combine(experts(x_SD, counts), w, order, token)
     (y * probe).sum().backward()
     grads = [t.grad.clone() for t in (x, w, experts.gate_up_proj, experts.down_proj)]
 
@@ -79,45 +88,60 @@ def test_grouped_experts_equal_a_per_expert_loop_forward_and_backward(assert_rel
     assert grads[2][5].abs().sum() == 0 and grads[3][5].abs().sum() == 0
 
 
-
 def test_one_token_path_equals_the_grouped_path():
-    """Batch-1 decode without autograd runs the hit experts one by one (`Experts._one_token`); it must give
-    the grouped path's values (grouped: the same token with grad mode on, or as row 0 of a 2-token batch)."""
+    """Batch-1 decode without autograd runs the hit experts one by one (`MoE.routed` picks `_one_token`); it must
+    give the grouped path's values (grouped: the same token with grad mode on, or as row 0 of a 2-token batch)."""
     cfg = _cfg(hidden_size=24, moe_intermediate_size=16, n_routed_experts=6, n_group=3, topk_group=2,
                num_experts_per_tok=3)
-    experts = Experts(cfg)
+    moe = _moe_with_random_experts(cfg, 4)
     g = torch.Generator().manual_seed(4)
-    with torch.no_grad():
-        experts.gate_up_proj.copy_(0.3 * torch.randn(experts.gate_up_proj.shape, generator=g))
-        experts.down_proj.copy_(0.3 * torch.randn(experts.down_proj.shape, generator=g))
     idx = torch.stack([torch.randperm(6, generator=g)[:3] for _ in range(2)])
     x, w = torch.randn(2, 24, generator=g), torch.rand(2, 3, generator=g)
 
     def run(n):
-        return experts(x[:n], w[:n], idx[:n], torch.bincount(idx[:n].flatten(), minlength=6))[0]
+        return moe.routed(x[:n], w[:n], idx[:n], torch.bincount(idx[:n].flatten(), minlength=6))[0]
 
     grouped_1 = run(1)                       # grad mode on: the grouped path (autograd-safe)
     with torch.no_grad():
         one, grouped_2 = run(1), run(2)
+    experts = moe.experts
     ref = _experts_reference(x[:1], w[:1], idx[:1], experts.gate_up_proj.detach(), experts.down_proj.detach())[0]
     assert grouped_1.requires_grad and not one.requires_grad
     for name, want in (("grouped, 1 token", grouped_1), ("grouped, 2 tokens", grouped_2), ("reference", ref)):
         torch.testing.assert_close(one, want.detach(), rtol=1e-5, atol=1e-6, msg=lambda m: f"one-token vs {name}: {m}")
 
 
+def test_a_replaced_experts_module_is_used_for_inference_too():
+    """Inference fast paths read the plain Experts' weights; a replacement (FP8, expert parallel) must see every
+    token instead, also for batch-1 decode."""
+    cfg = _cfg(hidden_size=24, moe_intermediate_size=16, n_routed_experts=6, n_group=3, topk_group=2,
+               num_experts_per_tok=3)
+    moe = _moe_with_random_experts(cfg, 5)
+
+    class Doubled(Experts):
+        def forward(self, x_SD, counts_E):
+            return 2 * super().forward(x_SD, counts_E)
+
+    x, w, idx = torch.randn(1, 24), torch.rand(1, 3), torch.tensor([[0, 2, 5]])
+    counts = torch.bincount(idx.flatten(), minlength=6)
+    with torch.no_grad():
+        plain = moe.routed(x, w, idx, counts)
+        doubled = Doubled(cfg)
+        doubled.load_state_dict(moe.experts.state_dict())
+        moe.experts = doubled
+        torch.testing.assert_close(moe.routed(x, w, idx, counts), 2 * plain)
+
+
 def test_grouped_experts_in_bf16_stay_close_to_the_fp32_loop(rel_err):
     cfg = _cfg(hidden_size=32, moe_intermediate_size=16, n_routed_experts=8)
-    experts = Experts(cfg)
+    moe = _moe_with_random_experts(cfg, 1)
     g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        experts.gate_up_proj.copy_(0.3 * torch.randn(experts.gate_up_proj.shape, generator=g))
-        experts.down_proj.copy_(0.3 * torch.randn(experts.down_proj.shape, generator=g))
     idx = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(30)])
     x, w = torch.randn(30, 32, generator=g), torch.rand(30, 2, generator=g)
-    ref = _experts_reference(x, w, idx, experts.gate_up_proj.detach(), experts.down_proj.detach())
-    bf16 = copy.deepcopy(experts).to(torch.bfloat16)
+    ref = _experts_reference(x, w, idx, moe.experts.gate_up_proj.detach(), moe.experts.down_proj.detach())
+    bf16 = copy.deepcopy(moe).to(torch.bfloat16)
     with torch.no_grad():
-        y = bf16(x.bfloat16(), w, idx, torch.bincount(idx.flatten(), minlength=8))
+        y = bf16.routed(x.bfloat16(), w, idx, torch.bincount(idx.flatten(), minlength=8))
     assert y.dtype == torch.bfloat16
     assert rel_err(y.float(), ref) < 3e-2
 
@@ -141,7 +165,7 @@ def test_moe_output_is_shared_plus_weighted_routed_experts(assert_rel_close):
     assert_rel_close(y, expected, 1e-5, "MoE output")
 
 
-def test_tokens_per_expert_counts_every_routed_pair():
+def test_tokens_per_expert_counts_every_routed_pair_of_training_forwards():
     cfg = _cfg()
     moe = MoE(cfg)
     g = torch.Generator().manual_seed(3)
@@ -150,14 +174,20 @@ def test_tokens_per_expert_counts_every_routed_pair():
             p.copy_(0.3 * torch.randn(p.shape, generator=g))
     x = torch.randn(3, 11, cfg.hidden_size, generator=g)
     with torch.no_grad():
-        moe(x)
+        moe.eval()(x)
+        assert int(moe.tokens_per_expert.sum()) == 0, "inference forwards do not count"
+        moe.train()(x)
+        moe(x[:1])
         _, idx, _ = moe.gate(x.reshape(-1, cfg.hidden_size))
     N, K = 33, cfg.num_experts_per_tok
     assert idx.shape == (N, K)
     assert all(len(set(row.tolist())) == K for row in idx), "an expert was chosen twice for one token"
     counts = moe.tokens_per_expert
-    assert counts.shape == (cfg.n_routed_experts,) and int(counts.sum()) == N * K
-    assert torch.equal(counts.cpu(), torch.bincount(idx.flatten(), minlength=cfg.n_routed_experts))
+    expected = torch.bincount(idx.flatten(), minlength=cfg.n_routed_experts) + \
+        torch.bincount(idx[:11].flatten(), minlength=cfg.n_routed_experts)
+    assert counts.shape == (cfg.n_routed_experts,) and int(counts.sum()) == (N + 11) * K
+    assert torch.equal(counts, expected), "counts add up over forwards until the training run reads them"
+    assert "tokens_per_expert" not in moe.state_dict()
 
 
 def test_routing_bias_stays_fp32_when_the_model_is_cast(tiny_model):

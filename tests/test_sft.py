@@ -33,7 +33,7 @@ def tok():
 def init_dir(tok, tmp_path_factory):
     """The tiny preset (MoE + MTP), randomly initialized, saved with the tokenizer: the model to fine-tune."""
     d = tmp_path_factory.mktemp("init")
-    nanoseek.build_model(ModelConfig.preset("tiny", vocab_size=tok.vocab_size), seed=0).save_pretrained(d)
+    nanoseek.save_pretrained(nanoseek.build_model(ModelConfig.preset("tiny", vocab_size=tok.vocab_size), seed=0), d)
     tok.save(d)
     return str(d)
 
@@ -151,14 +151,14 @@ def test_resume_after_a_crash_equals_the_uninterrupted_run(init_dir, data_file, 
     step = crashing.train_step
 
     def crash_after_four():
-        if crashing.step == 4:
+        if crashing.run.step == 4:
             raise KeyboardInterrupt
         return step()
     monkeypatch.setattr(crashing, "train_step", crash_after_four)
     with pytest.raises(KeyboardInterrupt):
         crashing.fit()
     resumed = SFTTrainer(cfg, init_dir, b, resume=True, progress=False)
-    assert resumed.step == 3
+    assert resumed.run.step == 3
     resumed.fit()
     losses = [[(r["step"], r["loss"], r["mtp_loss"]) for r in read_jsonl(os.path.join(d, "metrics.jsonl"))]
               for d in (a, b)]
@@ -243,7 +243,7 @@ def test_cli_errors_are_clear(init_dir, data_file, tmp_path):
     with pytest.raises(ValueError, match="row 1: 'messages' must .* end"):
         _run(["sft", "--init", init_dir, "--data", str(bad), *out])
     no_tok = tmp_path / "no_tok"
-    nanoseek.build_model(ModelConfig.preset("tiny"), seed=0).save_pretrained(no_tok)
+    nanoseek.save_pretrained(nanoseek.build_model(ModelConfig.preset("tiny"), seed=0), no_tok)
     with pytest.raises(FileNotFoundError, match="has no tokenizer.json"):
         _run(["sft", "--init", str(no_tok), "--data", data_file, *out])
     with pytest.raises(ConfigError, match="seq_len 4096 exceeds"):

@@ -13,7 +13,7 @@ import torch
 import nanoseek
 from nanoseek.train import TrainConfig, Trainer, TrainingAborted
 from nanoseek.train import trainer as trainer_mod
-from nanoseek.train.balance import LoadTracker, sequence_balance_loss
+from nanoseek.train.balance import ExpertLoad, RoutingRecorder, sequence_balance_loss
 from nanoseek.train.metrics import read_jsonl
 from nanoseek.train.schedule import lr_at, piecewise
 from nanoseek.train.state import list_checkpoints
@@ -31,7 +31,7 @@ def test_resume_reproduces_uninterrupted_losses(tmp_path):
     Trainer(TrainConfig(**TINY), a, progress=False).fit()
     Trainer(TrainConfig(**{**TINY, "max_steps": 3}), b, progress=False).fit()
     resumed = Trainer(TrainConfig(**TINY), b, resume=True, progress=False)
-    assert resumed.step == 3
+    assert resumed.run.step == 3
     resumed.fit()
     assert _losses(a) == _losses(b) and len(_losses(a)) == 6
     # the bias (aux-loss-free balancing) moved and was restored exactly
@@ -80,11 +80,12 @@ def test_nan_loss_skips_then_aborts(tmp_path, monkeypatch):
     before = {k: v.clone() for k, v in t.model.state_dict().items()}
     t.train_step()
     after_good = {k: v.clone() for k, v in t.model.state_dict().items()}
-    row = t.train_step()                       # the NaN step: skipped, weights untouched
-    assert row.get("skipped") and t.bad_steps == 1
+    assert t.train_step() is None and t.run.bad_steps == 1     # the NaN step: skipped, weights untouched
     assert all(torch.equal(after_good[k], v) for k, v in t.model.state_dict().items())
     assert any(not torch.equal(before[k], after_good[k]) for k in before)
-    assert not t.train_step().get("skipped") and t.bad_steps == 0
+    assert all(int(moe.tokens_per_expert.sum()) == 0 for _, moe in t.model.moe_layers())  # its counts dropped
+    row = t.train_step()
+    assert row["step"] == 3 and t.run.bad_steps == 0
 
     monkeypatch.setattr(trainer_mod, "language_model_losses",
                         lambda m, i, l, mtp=True: (torch.tensor(float("inf"), requires_grad=True), []))
@@ -96,22 +97,23 @@ def test_nan_loss_skips_then_aborts(tmp_path, monkeypatch):
 def test_bias_update_moves_against_load():
     model = nanoseek.build_model(nanoseek.ModelConfig.preset("tiny"), seed=0)
     (name, moe), = [m for m in model.moe_layers() if not m[0].startswith("mtp")]
-    tracker = LoadTracker(model)
-    moe.tokens_per_expert = torch.tensor([10, 0, 5, 5, 5, 5, 5, 5])     # expert 0 over-, 1 under-loaded
-    tracker.counts = {name: moe.tokens_per_expert.float()}
-    tracker.update_bias(0.001)
+    load = ExpertLoad(model, gamma_at=lambda: 0.001)
+    moe.tokens_per_expert.copy_(torch.tensor([10, 0, 5, 5, 5, 5, 5, 5]))     # expert 0 over-, 1 under-loaded
+    load.step()
     bias = moe.gate.e_score_correction_bias
     assert bias[0] == pytest.approx(-0.001) and bias[1] == pytest.approx(0.001) and bias[2] == 0
-    assert tracker.max_vio()[name] == pytest.approx((10 - 5) / 5)
+    assert load.max_vio() == {name: pytest.approx((10 - 5) / 5)}   # the MTP block did not run: left out
+    assert int(moe.tokens_per_expert.sum()) == 0                    # read, then zeroed for the next step
 
 
 def test_sequence_balance_loss_matches_equations():
     cfg = nanoseek.ModelConfig.preset("tiny", num_nextn_predict_layers=0)
     model = nanoseek.build_model(cfg, seed=0).train()
+    recorder = RoutingRecorder(model)
     B, T = 2, 5
     model(torch.randint(0, cfg.vocab_size, (B, T)))
-    (_, moe), = model.moe_layers()
-    scores, idx = moe.routing
+    routing = recorder.take()
+    (_, scores, idx), = routing
     E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
     expected = 0.0
     for b in range(B):
@@ -120,7 +122,7 @@ def test_sequence_balance_loss_matches_equations():
             f_i = E / (K * T) * (chosen == i).sum().item()                              # eq. 18
             P_i = (s[:, i] / s.sum(-1)).mean().item()                                   # eqs. 19-20
             expected += f_i * P_i
-    got = sequence_balance_loss(model, B, alpha=0.5).item()
+    got = sequence_balance_loss(routing, B, alpha=0.5).item()
     assert got == pytest.approx(0.5 * expected / B, rel=1e-5)
 
 
@@ -186,11 +188,16 @@ def test_dense_model_trains_and_plots(tmp_path):
     assert os.path.isfile(os.path.join(out, "loss.png")) and not os.path.exists(os.path.join(out, "expert_load.png"))
 
 
-def test_load_tracker_ignores_layers_that_did_not_run():
-    model = nanoseek.build_model(nanoseek.ModelConfig.preset("tiny"), seed=0).train()
-    tracker = LoadTracker(model)
+def test_routing_is_recorded_and_counted_in_training_forwards_only():
+    model = nanoseek.build_model(nanoseek.ModelConfig.preset("tiny"), seed=0)
+    recorder, load = RoutingRecorder(model), ExpertLoad(model)
     ids = torch.randint(0, model.cfg.vocab_size, (2, 8))
-    model(ids)                                   # main model only: the MTP block's MoE does not run
-    tracker.accumulate()
-    assert list(tracker.counts) == ["model.layers.1.mlp"]
-    assert tracker.counts["model.layers.1.mlp"].sum() == 2 * 8 * model.cfg.num_experts_per_tok
+    with torch.no_grad():
+        model.eval()(ids)                        # inference: nothing recorded, nothing counted
+        assert not recorder.take() and all(int(m.tokens_per_expert.sum()) == 0 for _, m in model.moe_layers())
+        model.train()(ids)                       # main model only: the MTP block's MoE does not run
+        model(ids)
+    assert [r.layer for r in recorder.take()] == ["model.layers.1.mlp"] * 2 and not recorder.take()
+    load.step()
+    assert list(load.counts) == ["model.layers.1.mlp"]
+    assert load.counts["model.layers.1.mlp"].sum() == 2 * 2 * 8 * model.cfg.num_experts_per_tok

@@ -1,7 +1,7 @@
 """Text in the DeepSeek-R1 format: a reasoning block in <think>, the final answer in <answer>.
 
 Two views of the same example:
-- R1-Zero template (R1 paper, Table 1; grpo_anchors.md §2.1): a plain-text, content-free instruction,
+- R1-Zero template (R1 paper, Table 1; docs/design/grpo_sources.md): a plain-text, content-free instruction,
   then "User: {question} Assistant: ", no chat tokens. Used for pretraining documents and GRPO
   prompts on a base model.
 - chat messages (`r1_messages`) for the tokenizer's chat template, for SFT cold start.

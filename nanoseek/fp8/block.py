@@ -1,5 +1,5 @@
 """128x128 block-scaled FP8 (E4M3) weights, the format of the released DeepSeek-V3/R1 checkpoints
-(v3_spec.md §6.2): W[r, c] = float(W_fp8[r, c]) * scale_inv[r // 128, c // 128].
+(docs/design/checkpoints.md): W[r, c] = float(W_fp8[r, c]) * scale_inv[r // 128, c // 128].
 
 Edge blocks that are not 128-aligned are zero-padded to compute their scale; the padding is dropped.
 """

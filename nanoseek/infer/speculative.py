@@ -1,4 +1,4 @@
-"""MTP self-speculative decoding (V3 report §5.4.3; v3_spec.md §5.4): the acceptance rule and the
+"""MTP self-speculative decoding (V3 report §5.4.3; docs/design/mtp.md): the acceptance rule and the
 bookkeeping of what the MTP module must see.
 
 One engine step per running sequence with n committed tokens t_0..t_{n-1}:

@@ -1,4 +1,4 @@
 from .cache import LatentCache
-from .transformer import MTP, Block, Transformer, build_model, resolve_device
+from .transformer import MTP, Block, Transformer, build_model
 
-__all__ = ["Block", "LatentCache", "MTP", "Transformer", "build_model", "resolve_device"]
+__all__ = ["Block", "LatentCache", "MTP", "Transformer", "build_model"]

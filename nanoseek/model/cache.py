@@ -1,5 +1,5 @@
 """The absorbed-MLA decode cache: per layer and token, only the normalized latent c_KV and the rotated
-shared RoPE key k_pe (v3_spec.md §2.4), i.e. (kv_lora_rank + qk_rope_head_dim) values.
+shared RoPE key k_pe (docs/design/mla.md), i.e. (kv_lora_rank + qk_rope_head_dim) values.
 
 Memory is preallocated as `slots` rows of `max_len` tokens. A forward addresses rows through `slots`
 (which request sits in which row), so requests can join and leave between steps (continuous batching)

@@ -1,4 +1,4 @@
-"""Multi-head Latent Attention (V3 report §2.1.1, eqs. 1-11; v3_spec.md §2).
+"""Multi-head Latent Attention (V3 report §2.1.1, eqs. 1-11; docs/design/mla.md).
 
 Two mathematically equal paths:
 - naive: expand the latent with kv_b_proj into per-head keys/values and run ordinary attention
@@ -141,8 +141,9 @@ class MLA(nn.Module):
         width = q.shape[-1]
         if not q.is_cuda and self.v_dim < width:
             # torch's fused CPU kernel needs values as wide as the keys; narrower ones fall back to the math
-            # path, which materializes the scores (small preset, 4 x 512 tokens: 33 vs 16 ms forward +
-            # backward per layer). Zero columns leave the output's first v_dim columns unchanged.
+            # path, which materializes the scores and is much slower at training shapes
+            # (benchmarks/README.md, "Figures cited from code"). Zero columns leave the output's first
+            # v_dim columns unchanged.
             v = F.pad(v, (0, width - self.v_dim))
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_B1TS, is_causal=mask_B1TS is None,
                                            scale=self.softmax_scale)

@@ -1,13 +1,17 @@
-"""DeepSeekMoE (V3 report §2.1.2, eqs. 12-16; v3_spec.md §4): shared experts plus fine-grained routed
+"""DeepSeekMoE (V3 report §2.1.2, eqs. 12-16; docs/design/moe.md): shared experts plus fine-grained routed
 experts with sigmoid/softmax affinities and group-limited top-k.
 
 Choices:
 - The correction bias (aux-loss-free balancing) enters the *selection* only; gating weights use the
-  unbiased affinities (eq. 16). It is a buffer, updated by the trainer outside autograd.
+  unbiased affinities (eq. 16). It is a buffer, updated by the training run outside autograd.
 - Dropped groups are masked with -inf, as DeepSeek's official code does (HF fills 0.0, which differs
-  when biases are negative; v3_spec.md §4.2).
-- Routed experts run as two grouped matmuls over tokens sorted by expert (`torch._grouped_mm`), never a
-  Python loop over experts. Each forward records the per-expert token counts (`tokens_per_expert`).
+  when biases are negative; docs/design/moe.md).
+- Routed experts: dispatch (token-expert pairs sorted by expert) -> `Experts` (two grouped matmuls,
+  `torch._grouped_mm`, never a Python loop over experts) -> combine (weighted, added back per token).
+  `Experts` is the seam expert parallelism and low-precision GEMMs replace; `MoE.routed` is the one place
+  an inference fast path may be taken instead.
+- Training forwards add their per-expert token counts to the `tokens_per_expert` buffer; the model stores
+  nothing else about routing (balance losses read the gates' outputs through nanoseek.train.balance).
 """
 
 from __future__ import annotations
@@ -76,7 +80,13 @@ class Gate(nn.Module):
 
 
 class Experts(nn.Module):
-    """All routed experts as stacked weights: gate_up_proj (E, 2I, D) and down_proj (E, D, I)."""
+    """All routed experts as stacked weights, gate_up_proj (E, 2I, D) and down_proj (E, D, I), and their compute:
+    SwiGLU over token rows already grouped by expert, as two grouped matmuls.
+
+    `forward(x_SD, counts_E)` is the seam between routing and compute: MoE dispatches the tokens before it and
+    combines the outputs after it, so expert parallelism (tokens exchanged around this module) and another
+    GEMM (FP8, another kernel) replace or wrap this module alone.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -84,43 +94,49 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, D))
         self.down_proj = nn.Parameter(torch.empty(E, D, I))
 
-    def forward(self, x_ND: torch.Tensor, w_NK: torch.Tensor, idx_NK: torch.Tensor,
-                counts_E: torch.Tensor) -> torch.Tensor:
-        N, K = idx_NK.shape
-        w13, w2 = self.gate_up_proj, self.down_proj
-        if not torch.is_grad_enabled():
-            if torch.compiler.is_compiling():
-                # A few tokens gather their experts' weights, which inductor fuses into the step; more tokens
-                # run the eager kernels as one opaque op (inductor has no fp32 grouped_mm on CPU). Gathering
-                # reads N*K experts' weights, the grouped path each hit expert once plus a per-expert
-                # overhead: the crossover measured on the small preset lies between 64 and 128 pairs (4E, 8E).
-                if N * K <= 4 * w13.shape[0]:
-                    return _gathered(x_ND, w_NK, idx_NK, w13, w2)
-                return torch.ops.nanoseek.routed_experts(x_ND, w_NK, idx_NK, w13, w2)
-            if N == 1 and not x_ND.is_cuda:   # batch-1 decode
-                return _one_token(x_ND, w_NK, idx_NK, w13, w2)
-        return _grouped(x_ND, w_NK, idx_NK, counts_E, w13, w2)
+    def compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The dtype the tokens are dispatched and multiplied in (see expert_dtype)."""
+        return expert_dtype(x, self.down_proj)
+
+    def forward(self, x_SD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """x_SD: token rows sorted by expert, counts_E[e] of them for expert e; returns FFN_e(x) per row."""
+        return grouped_swiglu(x_SD, counts_E.cumsum(0).to(torch.int32), self.gate_up_proj, self.down_proj)
+
+
+def expert_dtype(x: torch.Tensor, w: torch.Tensor) -> torch.dtype:
+    """grouped_mm is not autocast-aware. On CUDA follow autocast (bf16 GEMMs are the fast path there); on CPU
+    keep the weights' dtype: without AMX, bf16 GEMMs run slower than fp32 ones (benchmarks/README.md, "Figures
+    cited from code")."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type) if x.is_cuda else w.dtype
+    return x.dtype
+
+
+def grouped_swiglu(x_SD, offsets_E, w13, w2) -> torch.Tensor:
+    """down_e(silu(gate_e x) * up_e x) for rows grouped by expert (offsets_E: each group's end row)."""
+    w13, w2 = w13.to(x_SD.dtype), w2.to(x_SD.dtype)
+    gate, up = torch._grouped_mm(x_SD, w13.transpose(1, 2), offs=offsets_E).chunk(2, dim=-1)
+    return torch._grouped_mm(F.silu(gate) * up, w2.transpose(1, 2), offs=offsets_E)
+
+
+def dispatch(x_ND: torch.Tensor, idx_NK: torch.Tensor, dtype: torch.dtype):
+    """Token-expert pairs sorted by expert: the rows x_SD (S = N*K) and what `combine` needs to undo the sort."""
+    order_S = idx_NK.flatten().argsort(stable=True)
+    token_S = order_S // idx_NK.shape[1]
+    # index_select/index_add (not x[idx] / scatter): their backward passes are a plain index_add/gather.
+    return x_ND.to(dtype).index_select(0, token_S), order_S, token_S
+
+
+def combine(y_SD: torch.Tensor, w_NK: torch.Tensor, order_S: torch.Tensor, token_S: torch.Tensor) -> torch.Tensor:
+    """sum_k g_{t,k} FFN_k(u_t) per token (V3 report eq. 12): the expert outputs weighted and added back."""
+    y_SD = y_SD * w_NK.flatten()[order_S].to(y_SD.dtype)[:, None]
+    return torch.zeros(w_NK.shape[0], y_SD.shape[1], dtype=y_SD.dtype, device=y_SD.device).index_add_(0, token_S, y_SD)
 
 
 def _grouped(x_ND, w_NK, idx_NK, counts_E, w13, w2) -> torch.Tensor:
-    """Token-expert pairs sorted by expert, two grouped matmuls, outputs added back per token."""
-    N, K = idx_NK.shape
-    order = idx_NK.flatten().argsort(stable=True)            # token-expert pairs grouped by expert
-    token_S = order // K
-    offsets = counts_E.cumsum(0).to(torch.int32)
-    dtype = x_ND.dtype
-    # grouped_mm is not autocast-aware. On CUDA, follow autocast (bf16 GEMMs are the fast path); on
-    # CPU keep the weights' dtype: without AMX, bf16 GEMMs run at about half the fp32 rate
-    # (190 vs 386 GFLOP/s measured by benchmarks/bench_matmul_peak.py on the 2-core dev machine).
-    if torch.is_autocast_enabled(x_ND.device.type):
-        dtype = torch.get_autocast_dtype(x_ND.device.type) if x_ND.is_cuda else w2.dtype
-    w13, w2 = w13.to(dtype), w2.to(dtype)
-    # index_select/index_add (not x[idx] / scatter): their backward passes are a plain index_add/gather.
-    x_SD = x_ND.to(dtype).index_select(0, token_S)
-    gate, up = torch._grouped_mm(x_SD, w13.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
-    y_SD = torch._grouped_mm(F.silu(gate) * up, w2.transpose(1, 2), offs=offsets)
-    y_SD = y_SD * w_NK.flatten()[order].to(dtype)[:, None]   # g_{i,t} * FFN_i(u_t)
-    return torch.zeros(N, y_SD.shape[1], dtype=dtype, device=x_ND.device).index_add_(0, token_S, y_SD)
+    """dispatch -> grouped_swiglu -> combine on explicit weights (the compiled decode's opaque op)."""
+    x_SD, order_S, token_S = dispatch(x_ND, idx_NK, expert_dtype(x_ND, w2))
+    return combine(grouped_swiglu(x_SD, counts_E.cumsum(0).to(torch.int32), w13, w2), w_NK, order_S, token_S)
 
 
 def _one_token(x_1D, w_1K, idx_1K, w13, w2) -> torch.Tensor:
@@ -162,6 +178,8 @@ def _(x_ND, w_NK, idx_NK, w13, w2):
 
 
 class MoE(nn.Module):
+    """Shared experts plus routed experts: gate -> dispatch -> experts -> combine (+ shared)."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_experts = cfg.n_routed_experts
@@ -169,19 +187,47 @@ class MoE(nn.Module):
         self.experts = Experts(cfg)
         self.shared_experts = (MLP(cfg.hidden_size, cfg.n_shared_experts * cfg.moe_intermediate_size)
                                if cfg.n_shared_experts > 0 else None)
-        # Token counts per expert of the last forward (balancing, MaxVio); not a parameter.
-        self.tokens_per_expert = torch.zeros(cfg.n_routed_experts, dtype=torch.long)
-        self.routing = None  # (scores, topk indices) of the last training forward, for balance losses
+        # Routed token-expert pairs per expert, summed over the training forwards since the last optimizer
+        # step; the training run all-reduces, reads and zeroes them (nanoseek/train/balance.py). Not saved.
+        self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_routed_experts, dtype=torch.long),
+                             persistent=False)
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         x_ND = x_BTD.reshape(-1, x_BTD.shape[-1])
-        w_NK, idx_NK, scores = self.gate(x_ND)
+        w_NK, idx_NK, _ = self.gate(x_ND)
         # scatter_add, not bincount: bincount's output size depends on the data, which breaks a compiled graph
         idx_S = idx_NK.flatten()
-        counts = idx_S.new_zeros(self.n_experts).scatter_add_(0, idx_S, torch.ones_like(idx_S))
-        self.tokens_per_expert = counts.detach()
-        self.routing = (scores, idx_NK) if self.training else None
-        y = self.experts(x_ND, w_NK, idx_NK, counts).view_as(x_BTD).to(x_BTD.dtype)
+        counts_E = idx_S.new_zeros(self.n_experts).scatter_add_(0, idx_S, torch.ones_like(idx_S))
+        if self.training:
+            self.tokens_per_expert += counts_E
+        y = self.routed(x_ND, w_NK, idx_NK, counts_E).view_as(x_BTD).to(x_BTD.dtype)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x_BTD)
         return y
+
+    def routed(self, x_ND, w_NK, idx_NK, counts_E) -> torch.Tensor:
+        """The routed experts' output per token. The one place a path is chosen:
+
+        | when                                              | path                                     |
+        |---------------------------------------------------|------------------------------------------|
+        | autograd on, or `experts` replaced (FP8, EP)      | dispatch -> experts -> combine           |
+        | no autograd, eager, one token on CPU (decode)     | `_one_token`: K expert views, no sort    |
+        | no autograd, compiled, N*K <= 4E token-expert pairs | `_gathered`: weights gathered, fusable |
+        | no autograd, compiled, more pairs                 | `routed_experts`: an opaque custom op    |
+        | no autograd otherwise                             | dispatch -> experts -> combine           |
+
+        The inference paths read the plain Experts' weights, so a replaced `experts` module turns them off. Under
+        compile, gathering reads N*K experts' weights and grouping each hit expert once plus a per-expert
+        overhead, so gathering wins for a few tokens only (the 4E threshold was tuned on the small preset with
+        benchmarks/bench_decode.py); inductor has no fp32 grouped_mm on CPU, hence the opaque op.
+        """
+        w13, w2 = self.experts.gate_up_proj, self.experts.down_proj
+        if not torch.is_grad_enabled() and type(self.experts) is Experts:
+            if torch.compiler.is_compiling():
+                if idx_NK.numel() <= 4 * self.n_experts:
+                    return _gathered(x_ND, w_NK, idx_NK, w13, w2)
+                return torch.ops.nanoseek.routed_experts(x_ND, w_NK, idx_NK, w13, w2)
+            if x_ND.shape[0] == 1 and not x_ND.is_cuda:
+                return _one_token(x_ND, w_NK, idx_NK, w13, w2)
+        x_SD, order_S, token_S = dispatch(x_ND, idx_NK, self.experts.compute_dtype(x_ND))
+        return combine(self.experts(x_SD, counts_E), w_NK, order_S, token_S)

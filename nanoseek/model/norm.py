@@ -1,4 +1,4 @@
-"""RMSNorm, computed in fp32 and cast back before the weight, as HF and V3.2 do (v3_spec.md §1.1)."""
+"""RMSNorm, computed in fp32 and cast back before the weight, as HF and V3.2 do (docs/design/mla.md)."""
 
 import torch
 from torch import nn

@@ -1,8 +1,8 @@
-"""Rotary position embedding with YaRN context extension (v3_spec.md §3).
+"""Rotary position embedding with YaRN context extension (docs/design/rope.md).
 
 The decoupled RoPE parts of MLA rotate *adjacent pairs* (x0, x1), (x2, x3), ... as in DeepSeek's
-official code and the released checkpoints (§3.4); no weight permutation is needed on load.
-YaRN follows HF semantics (§3.3): per-frequency interpolation with a linear ramp, and the cos/sin
+official code and the released checkpoints; no weight permutation is needed on load.
+YaRN follows HF semantics: per-frequency interpolation with a linear ramp, and the cos/sin
 magnitude mscale(factor, mscale) / mscale(factor, mscale_all_dim) (1.0 for every released config);
 the mscale_all_dim^2 softmax factor lives in `ModelConfig.softmax_scale`.
 """
@@ -19,7 +19,8 @@ from ..config import ModelConfig, yarn_get_mscale
 def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
     """Inverse frequencies (qk_rope_head_dim / 2,) and the cos/sin magnitude."""
     dim, base = cfg.qk_rope_head_dim, cfg.rope_theta
-    inv_freq = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    # on the CPU whatever the default device (a model built on the meta device still gets real tables)
+    inv_freq = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim)
     rs = cfg.rope_scaling
     if rs is None:
         return inv_freq, 1.0
@@ -32,7 +33,7 @@ def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
     high = min(math.ceil(correction_dim(rs["beta_slow"])), dim - 1)
     if low == high:
         high += 0.001
-    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
     # ramp 0: high-frequency pairs keep their frequency (extrapolate); ramp 1: divided by the factor.
     inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)
     mscale, mscale_all_dim = rs.get("mscale"), rs.get("mscale_all_dim")
@@ -48,8 +49,14 @@ class RotaryEmbedding(torch.nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        # A plain fp32 attribute, not a buffer: model.to(bfloat16) must not round the frequencies.
-        self.inv_freq, self.magnitude = rope_inv_freq(cfg)
+        self.cfg = cfg
+        self.reset("cpu")
+
+    def reset(self, device: torch.device | str) -> None:
+        """(Re)compute the table on `device`. A plain fp32 attribute, not a buffer: model.to(bfloat16) must not
+        round the frequencies."""
+        inv_freq, self.magnitude = rope_inv_freq(self.cfg)
+        self.inv_freq = inv_freq.to(device)
 
     def forward(self, positions_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         angles = positions_BT[..., None].float() * self.inv_freq.to(positions_BT.device)

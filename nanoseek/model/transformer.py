@@ -1,5 +1,5 @@
 """The DeepSeek-V3 decoder: pre-norm MLA + (dense | MoE) blocks, final norm, untied head, and D
-Multi-Token Prediction modules (V3 report §2.2; v3_spec.md §1, §5).
+Multi-Token Prediction modules (V3 report §2.2; docs/design/mtp.md).
 
 Module names mirror the HF checkpoint (`model.layers.3.self_attn.kv_b_proj`), so checkpoint I/O is a
 rename of the MTP layers and a split of the stacked experts only (nanoseek/checkpoint.py).
@@ -54,7 +54,7 @@ class SharedHead(nn.Module):
 class MTP(Block):
     """MTP module k (V3 report eqs. 21-23): h'_i = M_k [RMSNorm(Emb(t_{i+k})) ; RMSNorm(h_i^{k-1})], then one block.
 
-    The concatenation is [embedding ; hidden], the order of the released `eh_proj` weights (v3_spec.md §5.1).
+    The concatenation is [embedding ; hidden], the order of the released `eh_proj` weights (docs/design/mtp.md).
     """
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
@@ -249,14 +249,20 @@ class Transformer(nn.Module):
                 total -= (cfg.n_routed_experts - cfg.num_experts_per_tok) * per_expert
         return total
 
-    def save_pretrained(self, path, safe_max_shard_bytes: int | None = None) -> None:
-        from ..checkpoint import save_pretrained
-        save_pretrained(self, path, max_shard_bytes=safe_max_shard_bytes)
-
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Normal(0, initializer_range) for linear, expert and embedding weights; ones for norms."""
+        """Random weights from the global RNG, on whatever device the parameters live (e.g. after `to_empty`).
+
+        First every torch.nn leaf's own `reset_parameters`, in module order: the draws that building it on a
+        real device makes, so a model materialised from the meta device equals one built in place and the
+        random stream (hence every model nanoseek has built) stays as it was. Then Normal(0,
+        initializer_range) for linear, expert and embedding weights, ones for norms, a zero routing bias, and
+        the non-parameter state (`init_buffers`).
+        """
         std = self.cfg.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.reset_parameters()
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=std)
@@ -268,28 +274,39 @@ class Transformer(nn.Module):
                 nn.init.normal_(module.experts.down_proj, std=std)
                 if module.gate.e_score_correction_bias is not None:
                     module.gate.e_score_correction_bias.zero_()
+        self.init_buffers()
+
+    def init_buffers(self, device: torch.device | str | None = None) -> None:
+        """Rebuild the state that is neither a parameter nor in a checkpoint: the rotary table and the routing
+        counters, on `device` (default: where the embedding lives). Called after materialising a meta-built
+        model (`init_weights`) and after loading weights into one (`nanoseek.from_pretrained`)."""
+        device = device or self.model.embed_tokens.weight.device
+        self.rotary.reset(device)
+        for _, moe in self.moe_layers():
+            moe.tokens_per_expert = torch.zeros(moe.n_experts, dtype=torch.long, device=device)
 
 
 @functools.cache
 def _compiled_layers():
     """Transformer.layers_forward compiled once per process, on first use (importing torch._dynamo costs
     seconds). Dynamic shapes: batch, step width and cache length vary from call to call. cpp_wrapper: the
-    graph's ~100 kernel calls are made from C++ rather than Python, ~15% of a batch-1 step on CPU."""
+    graph's ~100 kernel calls are made from C++ rather than Python, which matters most at batch 1
+    (benchmarks/README.md, greedy decoding)."""
     return torch.compile(Transformer.layers_forward, dynamic=True, options={"cpp_wrapper": True})
-
-
-def resolve_device(device: torch.device | str | None = None) -> torch.device:
-    """`device` as a torch.device; None picks cuda when a GPU is visible, else cpu."""
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def build_model(cfg: ModelConfig, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
                 seed: int | None = None) -> Transformer:
-    """A randomly initialized model (seeded if `seed` is given)."""
-    if seed is not None:
-        torch.manual_seed(seed)
-    with torch.device(device or "cpu"):
+    """A randomly initialized model (seeded if `seed` is given): built on the meta device, then materialised on
+    `device` (default cpu) by `init_weights`. `device="meta"` returns it unmaterialised, for transforms that
+    shard it first (materialise with `model.to_empty(device=...)` and `model.init_weights()`)."""
+    with torch.device("meta"):
         model = Transformer(cfg)
     if str(device) != "meta":
+        if seed is not None:
+            torch.manual_seed(seed)
+        model.to_empty(device=device or "cpu")
+        if cfg.tie_word_embeddings:  # to_empty gives every module its own new parameter
+            model.lm_head.weight = model.model.embed_tokens.weight
         model.init_weights()
     return model.to(dtype=dtype) if dtype is not None else model

@@ -65,7 +65,7 @@ def _overrides(args) -> dict:
 def _report(trainer, last: dict, out: str) -> None:
     if last:
         print(f"done: step {last['step']}, loss {last['loss']:.4f}; model in {out}/model, "
-              f"checkpoints in {trainer.ckpt_dir}, metrics in {out}/metrics.jsonl")
+              f"checkpoints in {trainer.run.ckpt_dir}, metrics in {out}/metrics.jsonl")
 
 
 def cmd_sft(args) -> None:
@@ -76,7 +76,7 @@ def cmd_sft(args) -> None:
     trainer = SFTTrainer(cfg, args.init, args.out, resume=args.resume, progress=not args.no_progress)
     print(f"fine-tuning {args.init} ({trainer.model.num_parameters():,} parameters) on {len(trainer.examples):,} "
           f"examples for {trainer.max_steps} steps into {args.out}"
-          + (f", resuming at step {trainer.step}" if trainer.step else ""))
+          + (f", resuming at step {trainer.run.step}" if trainer.run.step else ""))
     _report(trainer, trainer.fit(), args.out)
 
 
@@ -91,5 +91,5 @@ def cmd_distill(args) -> None:
     kd = f", token-level KD alpha {cfg.kd_alpha} T {cfg.kd_temperature}" if cfg.kd_alpha > 0 else ""
     print(f"distilling into a {trainer.model.num_parameters():,}-parameter student on {len(trainer.examples):,} "
           f"examples for {trainer.max_steps} steps{kd} into {args.out}"
-          + (f", resuming at step {trainer.step}" if trainer.step else ""))
+          + (f", resuming at step {trainer.run.step}" if trainer.run.step else ""))
     _report(trainer, trainer.fit(), args.out)

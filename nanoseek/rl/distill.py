@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..config import PRESETS, ConfigError, ModelConfig
+from ..config import PRESETS, ModelConfig, Validator
 from ..data.dataset import IGNORE_INDEX
 from ..data.tokenizer import Tokenizer
 from ..model import build_model
@@ -59,17 +59,14 @@ class DistillConfig(SFTConfig):
 
     def __post_init__(self):
         super().__post_init__()
-
-        def req(ok, name, rule):
-            if not ok:
-                raise ConfigError(f"DistillConfig.{name} {rule}")
-        req(self.student_preset in PRESETS, "student_preset", f"must be one of {sorted(PRESETS)}")
-        req(isinstance(self.student, dict), "student", "must be a mapping of ModelConfig fields")
-        req(0 <= self.kd_alpha <= 1, "kd_alpha", "must be in [0, 1]")
-        req(self.kd_temperature > 0, "kd_temperature", "must be > 0")
-        req(self.kd_alpha == 0 or self.teacher is not None, "teacher", "is needed when kd_alpha > 0")
-        req(self.teacher is not None or self.student_init is not None, "teacher",
-            "or student_init is needed (a fresh student takes the teacher's tokenizer)")
+        v = Validator(self)
+        v.one_of("student_preset", sorted(PRESETS))
+        v.require(isinstance(self.student, dict), "student", "must be a mapping of ModelConfig fields")
+        v.number("kd_alpha", 0, 1)
+        v.number("kd_temperature", 0, open_low=True)
+        v.require(self.kd_alpha == 0 or self.teacher is not None, "teacher", "is needed when kd_alpha > 0")
+        v.require(self.teacher is not None or self.student_init is not None, "teacher",
+                  "or student_init is needed (a fresh student takes the teacher's tokenizer)")
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
@@ -113,7 +110,7 @@ class Distiller(SFTTrainer):
                                   os.path.join(out, "student_init"))
         super().__init__(cfg, init, out, resume=resume, progress=progress)
         if self.teacher is not None:
-            self.teacher.to(self.device)
+            self.teacher.to(self.run.device)
             if self.teacher.cfg.vocab_size != self.model.cfg.vocab_size:
                 raise ValueError(f"KD needs one vocabulary: the teacher has {self.teacher.cfg.vocab_size} logits, "
                                  f"the student {self.model.cfg.vocab_size}")

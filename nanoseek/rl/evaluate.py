@@ -24,7 +24,7 @@ import torch
 
 from ..checkpoint import from_pretrained
 from ..infer import LLM, RequestOutput, SamplingParams
-from ..model import resolve_device
+from ..runtime import local_device
 from .data import Problem, prompt_ids, question_of, task_of
 from .rewards import final_answer, format_reward, is_correct
 
@@ -69,7 +69,7 @@ def sample_problems(model, tokenizer, problems: Sequence[Problem], cfg) -> list[
     llm = model
     if not isinstance(llm, LLM):
         if not isinstance(model, torch.nn.Module):
-            model = from_pretrained(model, device=resolve_device())
+            model = from_pretrained(model, device=local_device())
         llm = LLM(model, tokenizer=tokenizer, max_num_seqs=cfg.max_num_seqs, seed=cfg.seed)
     was_training = llm.model.training
     llm.model.eval()

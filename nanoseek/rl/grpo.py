@@ -1,4 +1,4 @@
-"""GRPO training for the R1 recipe (DeepSeekMath §4.1; R1 v2 §2.1; grpo_anchors.md §1, §7): sample a
+"""GRPO training for the R1 recipe (DeepSeekMath §4.1; R1 v2 §2.1; docs/design/grpo_sources.md): sample a
 group of G completions per prompt, score them with rule rewards, normalise the rewards within the
 group, and take clipped policy-gradient steps with an optional k3 KL to a frozen reference.
 
@@ -50,17 +50,16 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 import torch
-from tqdm import tqdm
 
 from ..checkpoint import from_pretrained
-from ..config import ConfigError, load_config
+from ..config import Validator, is_number, load_config
 from ..data.tokenizer import Tokenizer
 from ..infer import LLM, prompt_opens_think
-from ..model import resolve_device
-from ..train.metrics import MetricsLog, read_jsonl
+from ..runtime import is_main_process
+from ..train.metrics import read_jsonl
+from ..train.run import TrainingRun
 from ..train.schedule import lr_at
-from ..train.state import list_checkpoints, load_trainer_state, save_checkpoint, save_model_dir
-from ..train.trainer import optimizer_step
+from ..train.state import save_model_dir
 from .data import TEMPLATES, load_problems, prompt_ids, prompt_text, question_of, task_examples, task_of
 from .grpo_loss import (LOSS_TYPES, group_advantages, grpo_loss, reflection_share, step_advantages,
                         zero_variance_mask)
@@ -169,56 +168,41 @@ class GRPOConfig:
     tensorboard: bool = True
 
     def __post_init__(self):
-        def req(ok, name, rule):
-            if not ok:
-                raise ConfigError(f"GRPOConfig.{name} {rule}")
-
-        def is_int(v):
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        def is_num(v):
-            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-        for name in ("n_train_problems", "steps", "prompts_per_step", "group_size", "max_new_tokens", "mu",
-                     "micro_batch", "keep_checkpoints"):
-            req(is_int(getattr(self, name)) and getattr(self, name) > 0, name, "must be a positive int")
-        for name in ("warmup", "max_num_seqs", "save_every", "threads", "seed", "dynamic_sampling"):
-            req(is_int(getattr(self, name)) and getattr(self, name) >= 0, name, "must be an int >= 0")
-        req(self.group_size >= 2, "group_size", "must be >= 2 (advantages compare completions within a group)")
-        req(self.max_num_seqs == 0 or self.max_num_seqs >= self.group_size, "max_num_seqs",
-            f"must be 0 or >= group_size ({self.group_size}): a group decodes at once")
-        req(isinstance(self.tasks, list) and all(isinstance(t, str) for t in self.tasks), "tasks",
-            "must be a list of task names")
-        req(isinstance(self.data, list) and all(isinstance(d, str) for d in self.data), "data",
-            "must be a list of file paths")
-        req(bool(self.tasks) or bool(self.data), "tasks", "must not be empty when no data files are given")
-        req(self.difficulty is None or is_int(self.difficulty), "difficulty", "must be an int or None")
-        req(self.template in TEMPLATES, "template", f"must be one of {TEMPLATES}")
-        req(isinstance(self.rewards, dict) and bool(self.rewards), "rewards", "must be a non-empty {name: weight}")
+        v = Validator(self)
+        v.ints("n_train_problems", "steps", "prompts_per_step", "group_size", "max_new_tokens", "mu", "micro_batch",
+               "keep_checkpoints")
+        v.ints("warmup", "max_num_seqs", "save_every", "threads", "seed", "dynamic_sampling", minimum=0)
+        v.require(self.group_size >= 2, "group_size", "must be >= 2 (advantages compare completions within a group)")
+        v.require(self.max_num_seqs == 0 or self.max_num_seqs >= self.group_size, "max_num_seqs",
+                  f"must be 0 or >= group_size ({self.group_size}): a group decodes at once")
+        v.require(isinstance(self.tasks, list) and all(isinstance(t, str) for t in self.tasks), "tasks",
+                  "must be a list of task names")
+        v.paths("data")
+        v.require(bool(self.tasks) or bool(self.data), "tasks", "must not be empty when no data files are given")
+        v.ints("difficulty", optional=True)
+        v.one_of("template", TEMPLATES)
+        v.require(isinstance(self.rewards, dict) and bool(self.rewards), "rewards", "must be a non-empty {name: weight}")
         for name, w in self.rewards.items():
-            req(isinstance(name, str) and is_num(w), "rewards", f"needs a finite number weight for {name!r}")
-        req(isinstance(self.reward_params, dict) and all(isinstance(v, dict) for v in self.reward_params.values()),
-            "reward_params", "must be {reward name: {parameter: value}}")
+            v.require(isinstance(name, str) and is_number(w), "rewards", f"needs a finite number weight for {name!r}")
+        v.require(isinstance(self.reward_params, dict) and all(isinstance(p, dict) for p in self.reward_params.values()),
+                  "reward_params", "must be {reward name: {parameter: value}}")
         unused = set(self.reward_params) - set(self.rewards)
-        req(not unused, "reward_params", f"names rewards that are not in `rewards`: {sorted(unused)}")
-        req(is_num(self.temperature) and self.temperature > 0, "temperature",
-            "must be > 0 (GRPO needs sampled groups)")
-        req(is_num(self.top_p) and 0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
-        req(is_num(self.lr) and self.lr > 0, "lr", "must be > 0")
-        req(self.lr_schedule in ("constant", "cosine", "wsd"), "lr_schedule", "must be constant, cosine or wsd")
-        req(is_num(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        v.require(not unused, "reward_params", f"names rewards that are not in `rewards`: {sorted(unused)}")
+        v.number("temperature", 0, open_low=True)
+        v.number("top_p", 0, 1, open_low=True)
+        v.number("lr", 0, open_low=True)
+        v.one_of("lr_schedule", ("constant", "cosine", "wsd"))
+        v.number("weight_decay", 0)
         self.betas = tuple(self.betas)
-        req(len(self.betas) == 2 and all(is_num(b) and 0 <= b < 1 for b in self.betas), "betas",
-            "must be two numbers in [0, 1)")
-        req(is_num(self.grad_clip) and self.grad_clip >= 0, "grad_clip", "must be >= 0")
-        req(is_num(self.eps_low) and 0 <= self.eps_low < 1, "eps_low", "must be in [0, 1)")
-        req(is_num(self.eps_high) and self.eps_high >= 0, "eps_high", "must be >= 0")
-        req(is_num(self.beta) and self.beta >= 0, "beta", "must be >= 0")
-        req(is_num(self.equation_credit) and self.equation_credit >= 0, "equation_credit", "must be >= 0")
-        req(self.loss_type in LOSS_TYPES, "loss_type", f"must be one of {LOSS_TYPES}")
-        req(self.scale_rewards in SCALE_REWARDS, "scale_rewards", f"must be one of {SCALE_REWARDS}")
-        for name in ("filter_zero_variance", "mask_truncated", "positive_only", "compile_rollouts", "tensorboard"):
-            req(isinstance(getattr(self, name), bool), name, "must be true or false")
+        v.require(len(self.betas) == 2 and all(is_number(b) and 0 <= b < 1 for b in self.betas), "betas",
+                  "must be two numbers in [0, 1)")
+        v.number("grad_clip", 0)
+        v.number("eps_low", 0, 1, open_high=True)
+        for name in ("eps_high", "beta", "equation_credit"):
+            v.number(name, 0)
+        v.one_of("loss_type", LOSS_TYPES)
+        v.one_of("scale_rewards", SCALE_REWARDS)
+        v.flags("filter_zero_variance", "mask_truncated", "positive_only", "compile_rollouts", "tensorboard")
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, **overrides) -> "GRPOConfig":
@@ -243,37 +227,23 @@ class GRPOTrainer:
 
     def __init__(self, cfg: GRPOConfig, init: str, out: str, resume: bool = False, progress: bool = True,
                  reward_fns: Mapping[str, RewardFunction] | None = None):
-        self.cfg, self.init, self.out, self.progress = cfg, os.fspath(init), os.fspath(out), progress
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
+        self.cfg, self.init, self.out = cfg, os.fspath(init), os.fspath(out)
         if not os.path.isdir(self.init):
             raise FileNotFoundError(f"--init {self.init!r} is not a folder (expected an HF-format checkpoint)")
+        self.run = run = TrainingRun(self.out, seed=cfg.seed, device=cfg.device, threads=cfg.threads, resume=resume,
+                                     progress=progress, label="grpo", keep_checkpoints=cfg.keep_checkpoints,
+                                     tensorboard=cfg.tensorboard)
         self.tokenizer = Tokenizer.load(self.init)
-        self.device = resolve_device(cfg.device)
-        self.ckpt_dir = os.path.join(self.out, "checkpoints")
-        found = list_checkpoints(self.ckpt_dir) if resume else []
-        if resume and not found:
-            warnings.warn(f"resume: no complete checkpoint in {self.ckpt_dir}; starting from {self.init}", stacklevel=2)
-        latest = found[-1] if found else None
-        self.model = from_pretrained(latest or self.init, dtype=torch.float32, device=self.device)
+        model = from_pretrained(run.checkpoint or self.init, dtype=torch.float32, device=run.device)
         self.ref = None
         if cfg.beta > 0:  # the frozen initial policy; with beta = 0 none is loaded at all (TRL)
-            self.ref = from_pretrained(self.init, dtype=torch.float32, device=self.device).eval().requires_grad_(False)
+            self.ref = from_pretrained(self.init, dtype=torch.float32, device=run.device).eval().requires_grad_(False)
         self.reward = self._build_rewards(reward_fns or {})
+        self.model = model
         self.problems, self.prompts = self._build_problems()
         self.think_opened = prompt_opens_think(prompt_text(self.problems[0], self.tokenizer, cfg.template))
-
-        decay = [p for p in self.model.parameters() if p.dim() >= 2]
-        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
-        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                            {"params": no_decay, "weight_decay": 0.0}],
-                                           lr=cfg.lr, betas=cfg.betas, fused=self.device.type in ("cpu", "cuda"))
-        self.global_step = 0
-        if latest is not None:
-            self.global_step = load_trainer_state(latest, self.optimizer)["step"]
-        os.makedirs(self.out, exist_ok=True)
-        self.metrics = MetricsLog(self.out, resume_step=self.global_step if latest else None,
-                                  tensorboard=cfg.tensorboard)
+        run.attach(model, self.tokenizer, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
+                   grad_clip=cfg.grad_clip)
         # one engine for the whole run; it holds self.model itself, so updates are sampled from at once
         max_len = max(map(len, self.prompts)) + cfg.max_new_tokens
         self.llm = LLM(self.model, self.tokenizer, max_num_seqs=cfg.max_num_seqs or cfg.prompts_per_step * cfg.group_size,
@@ -327,12 +297,15 @@ class GRPOTrainer:
         return out
 
     # ---- one step -------------------------------------------------------------------------------
-    def step(self) -> dict:
+    def train_step(self) -> dict | None:
         """One rollout (plus refill rounds under dynamic sampling) + `mu` updates; returns the metrics row
-        (also appended to metrics.jsonl by fit)."""
-        cfg, G, P = self.cfg, self.cfg.group_size, self.cfg.prompts_per_step
+        (also appended to metrics.jsonl by fit), or None when a non-finite loss dropped its update."""
+        return self.run.run_step(self._step)
+
+    def _step(self) -> dict | None:
+        cfg, G, P, step = self.cfg, self.cfg.group_size, self.cfg.prompts_per_step, self.run.step
         t0 = time.perf_counter()
-        ro, scores, credit = self._rollout(self.batch_indices(self.global_step), first_index=0)
+        ro, scores, credit = self._rollout(self.batch_indices(step), first_index=0)
         signal = self._signal(scores, credit)
         refill = 0
         while cfg.filter_zero_variance and refill < cfg.dynamic_sampling:
@@ -342,7 +315,7 @@ class GRPOTrainer:
             refill += 1
             # ask for the missing groups divided by the share kept so far (at least one in four)
             count = min(4 * P, math.ceil((P - kept) * len(ro) / max(kept * G, len(ro) / 4)))
-            extra, extra_scores, extra_credit = self._rollout(self.batch_indices(self.global_step, refill, count),
+            extra, extra_scores, extra_credit = self._rollout(self.batch_indices(step, refill, count),
                                                               first_index=len(ro) // G)
             ro, scores = ro + extra, scores + extra_scores
             credit = None if credit is None else credit + extra_credit
@@ -359,14 +332,16 @@ class GRPOTrainer:
             rows = [i for i in rows if adv[i] > 0 or credit is not None
                     and any(adv[i] + cfg.equation_credit * c > 0 for c in credit[i])]
         row = self._rollout_metrics(ro, scores, rewards, zero_variance_mask(rewards, G))
-        row["lr"] = lr_at(self.global_step, cfg.steps, cfg.lr, cfg.warmup, cfg.lr_schedule)
-        row.update(self._update(ro, adv, credit, rows, row["lr"]) if rows else {"loss": 0.0, "grad_norm": 0.0})
+        row["lr"] = lr_at(step, cfg.steps, cfg.lr, cfg.warmup, cfg.lr_schedule)
+        update = self._update(ro, adv, credit, rows, row["lr"]) if rows else {"loss": 0.0, "grad_norm": 0.0}
+        if update is None:
+            return None
+        row.update(update)
         row.update(trained_completions=len(rows), rollout_prompts=len(ro) // G)
-        self.global_step += 1
         t_all = time.perf_counter() - t0
-        row.update(step=self.global_step, gen_time=t_gen, train_time=t_all - t_gen, step_time=t_all,
+        row.update(gen_time=t_gen, train_time=t_all - t_gen, step_time=t_all,
                    gen_tokens_per_s=ro.gen_tokens / max(t_gen, 1e-9), tokens_per_s=ro.gen_tokens / max(t_all, 1e-9))
-        return {"step": row.pop("step"), **row}
+        return row
 
     def _signal(self, scores: RewardScores, credit: list[list[float]] | None) -> torch.Tensor:
         """(R,) bool: the row's group has outcome variance or, with equation credit, some step credit."""
@@ -381,7 +356,7 @@ class GRPOTrainer:
         equation_credit is 0; it is normalised within groups, so rollouts of a step concatenate)."""
         cfg = self.cfg
         ro = sample_groups(self.llm, [self.prompts[i] for i in idx], [self.problems[i] for i in idx], cfg.group_size,
-                           cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed, self.global_step, first_index)
+                           cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed, self.run.step, first_index)
         scores = self.reward(ro.texts, ro.problems, completion_ids=ro.completion_ids,
                              completion_lengths=[len(c) for c in ro.completion_ids], tokenizer=self.tokenizer,
                              think_opened=self.think_opened)
@@ -414,12 +389,10 @@ class GRPOTrainer:
         return row
 
     def _update(self, ro: Rollout, adv: torch.Tensor, credit: list[list[float]] | None, rows: list[int],
-                lr: float) -> dict:
-        """`mu` optimizer steps at `lr` on the completions `rows`, each accumulating over micro-batches.
-        With `credit`, each token's advantage is adv[row] + equation_credit x credit[row][token]."""
-        cfg, model, dev = self.cfg, self.model, self.device
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+                lr: float) -> dict | None:
+        """`mu` optimizer steps at `lr` on the completions `rows`, each accumulating over micro-batches (None when
+        a loss was not finite). With `credit`, each token's advantage is adv[row] + equation_credit x credit[row][token]."""
+        cfg, model, dev = self.cfg, self.model, self.run.device
         batches = []
         for s in range(0, len(rows), cfg.micro_batch):
             mb = rows[s:s + cfg.micro_batch]
@@ -444,39 +417,43 @@ class GRPOTrainer:
             batches.append(b)
         n_tokens = max(1.0, float(sum(b["mask"].sum() for b in batches)))
         n_rows = len(rows)
-        sums: dict[str, float] = {}
-        losses, grad_norm = [], 0.0
-        model.eval()  # no dropout in the model; eval also keeps MoE from storing routing for balance losses
-        for it in range(cfg.mu):
-            total = 0.0
-            for b in batches:
-                logp, ent = completion_logprobs(model, b["scoring"], cfg.temperature, with_entropy=it == 0)
-                old = b.get("old", logp.detach())
-                loss, st = grpo_loss(logp, old, b.get("ref"), b["adv"], b["mask"], cfg.eps_low, cfg.eps_high,
-                                     cfg.beta, cfg.loss_type, cfg.max_new_tokens,
-                                     num_tokens=n_tokens if cfg.loss_type == "dapo" else None)
-                if cfg.loss_type != "dapo":
-                    loss = loss * (b["rows"] / n_rows)  # per-micro-batch means -> the full batch's mean
-                loss.backward()
-                total += loss.item()
-                w = float(b["mask"].sum()) / n_tokens / cfg.mu  # token weights over all passes
-                for k, v in st.items():
-                    sums[k] = sums.get(k, 0.0) + w * v.item()
-                if ent is not None:
-                    sums["entropy"] = sums.get("entropy", 0.0) + float((ent * b["mask"]).sum()) / n_tokens
-            grad_norm = optimizer_step(model, self.optimizer, cfg.grad_clip)
-            sync_engine(self.llm)
-            losses.append(total)
-        out = {"loss": sum(losses) / len(losses), "grad_norm": grad_norm,
-               "clip_ratio": sums.pop("clip_frac"), "clip_ratio/low": sums.pop("clip_frac_low"),
-               "clip_ratio/high": sums.pop("clip_frac_high"), **sums}
-        return out
+        sums: dict[str, float] = {}  # token-weighted statistics over every micro-batch of every pass
 
-    # ---- checkpoints and the loop ---------------------------------------------------------------
-    def save(self) -> str:
-        return save_checkpoint(self.ckpt_dir, self.global_step, self.model, self.optimizer,
-                               {"grpo_config": self.cfg.to_dict(), "init": self.init}, tokenizer=self.tokenizer,
-                               keep=self.cfg.keep_checkpoints)
+        def loss_fn(b: dict, first_pass: bool) -> tuple[torch.Tensor, dict[str, float]]:
+            logp, ent = completion_logprobs(model, b["scoring"], cfg.temperature, with_entropy=first_pass)
+            old = b.get("old", logp.detach())
+            loss, st = grpo_loss(logp, old, b.get("ref"), b["adv"], b["mask"], cfg.eps_low, cfg.eps_high,
+                                 cfg.beta, cfg.loss_type, cfg.max_new_tokens,
+                                 num_tokens=n_tokens if cfg.loss_type == "dapo" else None)
+            if cfg.loss_type != "dapo":
+                loss = loss * (b["rows"] / n_rows)  # per-micro-batch means -> the full batch's mean
+            w = float(b["mask"].sum()) / n_tokens / cfg.mu  # token weights over all passes
+            for k, v in st.items():
+                sums[k] = sums.get(k, 0.0) + w * v.item()
+            if ent is not None:
+                sums["entropy"] = sums.get("entropy", 0.0) + float((ent * b["mask"]).sum()) / n_tokens
+            return loss, {"loss": loss.item()}
+
+        losses, grad_norm = [], 0.0
+        model.eval()  # no dropout in the model; eval also keeps MoE from counting routed tokens
+        for it in range(cfg.mu):
+            totals = self.run.accumulate(batches, lambda b: loss_fn(b, it == 0))
+            if totals is None:
+                return None
+            grad_norm = self.run.optimizer_step(lr)
+            sync_engine(self.llm)
+            losses.append(totals["loss"])
+        return {"loss": sum(losses) / len(losses), "grad_norm": grad_norm,
+                "clip_ratio": sums.pop("clip_frac"), "clip_ratio/low": sums.pop("clip_frac_low"),
+                "clip_ratio/high": sums.pop("clip_frac_high"), **sums}
+
+    # ---- what the run's loop asks for, and the loop --------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"grpo_config": self.cfg.to_dict(), "init": self.init}
+
+    def postfix(self, row: dict) -> dict:
+        return {"reward": f"{row['reward']:.3f}", "acc": f"{row['accuracy']:.2f}",
+                "len": f"{row['completion_len_mean']:.0f}"}
 
     def save_model(self) -> str:
         """The policy + tokenizer to out/model, written beside it and renamed (never half-written)."""
@@ -484,23 +461,10 @@ class GRPOTrainer:
 
     def fit(self) -> dict:
         """Train until cfg.steps; returns the last metrics row."""
-        cfg, last = self.cfg, {}
-        bar = tqdm(total=cfg.steps, initial=self.global_step, desc="grpo", disable=not self.progress,
-                   dynamic_ncols=True)
-        try:
-            while self.global_step < cfg.steps:
-                last = self.step()
-                self.metrics.log(last)
-                bar.update(1)
-                bar.set_postfix(reward=f"{last['reward']:.3f}", acc=f"{last['accuracy']:.2f}",
-                                len=f"{last['completion_len_mean']:.0f}")
-                if (cfg.save_every and self.global_step % cfg.save_every == 0) or self.global_step == cfg.steps:
-                    self.save()
-        finally:
-            bar.close()
-            self.metrics.close()
+        last = self.run.fit(self, self.cfg.steps, self.cfg.save_every)
         self.save_model()
-        write_grpo_plots(self.out)
+        if is_main_process():
+            write_grpo_plots(self.out)
         return last
 
 

@@ -2,12 +2,12 @@
 
 No model code: callers pass per-token log-probabilities of the sampled completion tokens. Equation
 numbers refer to DeepSeekMath (arXiv 2402.03300) eq. 3-4; DAPO (arXiv 2503.14476) and Dr. GRPO
-(arXiv 2503.20783) are cited by section; grpo_anchors.md §1 summarises all three.
+(arXiv 2503.20783) are cited by section; docs/design/grpo_sources.md summarises all three.
 
 Key choices:
 - Advantages (DeepSeekMath §4.1.2): A_i = (r_i - mean(group)) / (std(group) + eps), every token of
   o_i gets A_i. std is the *unbiased sample* std (Bessel, n - 1), i.e. `torch.std`'s default, as in
-  TRL's GRPOTrainer (grpo_anchors.md §1.5: "(r - group mean) / (std + 1e-4)"; its code is
+  TRL's GRPOTrainer (its advantages are (r - group mean) / (std + 1e-4); its code is
   `rewards.view(-1, G).std(dim=1)`) and verl; eps = 1e-4 is TRL's. `correction=0` gives the
   population std. Worked example (rewards 1.0, 0.7, 1.0, 0.0, mean 0.675): sample std 0.4717 ->
   A = 0.689, 0.053, 0.689, -1.431; population std 0.4085 -> 0.796, 0.061, 0.796, -1.652 (the
@@ -162,7 +162,7 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
 
     if loss_type == "grpo":  # DeepSeekMath eq. 3: (1/G) sum_i (1/|o_i|) sum_t
         loss = ((per_token * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)).mean()
-    elif loss_type == "dr_grpo":  # Dr. GRPO (grpo_anchors §1.3): sum_i sum_t / (G * L), L constant
+    elif loss_type == "dr_grpo":  # Dr. GRPO (arXiv 2503.20783): sum_i sum_t / (G * L), L constant
         loss = (per_token * m).sum() / (logp.shape[0] * max_completion_length)
     else:  # DAPO §3.3: sum_i sum_t / sum_i |o_i|
         loss = (per_token * m).sum() / (num_tokens if num_tokens else m.sum().clamp(min=1.0))

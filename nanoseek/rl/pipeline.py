@@ -1,6 +1,6 @@
 """`nanoseek r1`: the whole DeepSeek-R1 recipe at miniature scale, stage by stage, with a report.
 
-Stages (R1 v2 §3 / Fig. 2; grpo_anchors.md §2.4-2.5), each in its own folder of the run:
+Stages (R1 v2 §3 / Fig. 2, v1 §2.4; docs/design/grpo_sources.md), each in its own folder of the run:
   pretrain          tokenizer + MoE/MLA/MTP base model on R1-format task documents (train split) and
                     drill sheets of their single operations
   cold_start        SFT of the base on a small set of long worked solutions in the chat template
@@ -244,7 +244,7 @@ class R1Pipeline:
             values["tokenizer"] = tokenizer
         trainer = Trainer(TrainConfig(**values), self._dir(stage), resume=self._started(stage), progress=self.progress)
         last = trainer.fit()
-        model = list_checkpoints(trainer.ckpt_dir)[-1]
+        model = list_checkpoints(trainer.run.ckpt_dir)[-1]
         return model, "r1_zero", {"val_loss": last.get("val_loss"), "parameters": trainer.model.num_parameters()}
 
     def _stage_pretrain(self):

@@ -1,4 +1,4 @@
-"""Rule-based rewards for R1-style GRPO (R1 v2 §2.2 eq. 4, §3.2.1 eq. 7; grpo_anchors.md §2.2, §3).
+"""Rule-based rewards for R1-style GRPO (R1 v2 §2.2 eq. 4, §3.2.1 eq. 7; docs/design/grpo_sources.md).
 
 Every reward is a plain function `fn(completions, examples, **kwargs) -> list[float]`, one score per
 completion, the batch API of TRL's reward functions: extra keyword arguments (`think_opened`,

@@ -8,10 +8,10 @@ into micro-batches instead, padded to their longest row only.
 
 Loss. The step's loss is the sum of token losses over all its micro-batches divided by the step's
 completion tokens, so every completion token weighs the same whatever micro-batch it sits in (a mean
-per micro-batch would over-weight short completions). Everything else follows the pretraining
-trainer: AdamW (fused), warmup + cosine LR, global-norm clipping, skipped non-finite steps, atomic
-checkpoints with optimizer/RNG/data position for bit-exact `resume`, metrics.jsonl and loss.png.
-The routers' balancing biases stay frozen: fine-tuning data is too small and skewed to rebalance on.
+per micro-batch would over-weight short completions). Warmup + cosine LR; the optimizer, clipping, skipped
+non-finite steps, atomic checkpoints for bit-exact `resume`, metrics.jsonl and the loop belong to the training
+run (nanoseek/train/run.py). The routers' balancing biases stay frozen: fine-tuning data is too small and
+skewed to rebalance on.
 """
 
 from __future__ import annotations
@@ -20,22 +20,20 @@ import dataclasses
 import math
 import os
 import time
-import warnings
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from ..checkpoint import from_pretrained
-from ..config import ConfigError, load_config
+from ..config import ConfigError, Validator, load_config
 from ..data.dataset import IGNORE_INDEX
 from ..data.tokenizer import TOKENIZER_FILE, Tokenizer
-from ..model import resolve_device
-from ..train.metrics import MetricsLog, write_plots
+from ..runtime import is_main_process
+from ..train.metrics import write_plots
+from ..train.run import TrainingRun
 from ..train.schedule import lr_at
-from ..train.state import list_checkpoints, load_trainer_state, save_checkpoint, save_model_dir
-from ..train.trainer import optimizer_step, skip_step
+from ..train.state import save_model_dir
 from .data import TEMPLATES, load_sft_rows
 from .sft_data import SFTBatches, SFTExample, build_examples, collate_examples
 
@@ -105,32 +103,22 @@ class SFTConfig:
     max_examples: int | None = None
 
     def __post_init__(self):
-        name = type(self).__name__
-
-        def req(ok, field_name, rule):
-            if not ok:
-                raise ConfigError(f"{name}.{field_name} {rule}")
-        if isinstance(self.data, (str, os.PathLike)):
-            self.data = [os.fspath(self.data)]
-        req(isinstance(self.data, list) and all(isinstance(p, str) for p in self.data), "data",
-            "must be a list of file paths")
-        req(self.template in TEMPLATES, "template", f"must be one of {TEMPLATES}")
-        for f in ("seq_len", "batch_size", "grad_accum", "log_every", "keep_checkpoints", "max_bad_steps"):
-            req(_is_int(getattr(self, f)) and getattr(self, f) > 0, f, "must be a positive int")
-        for f in ("save_every", "threads", "seed"):
-            req(_is_int(getattr(self, f)) and getattr(self, f) >= 0, f, "must be an int >= 0")
-        for f in ("max_steps", "max_examples"):
-            req(getattr(self, f) is None or (_is_int(getattr(self, f)) and getattr(self, f) > 0), f,
-                "must be a positive int or None")
-        req(isinstance(self.epochs, (int, float)) and self.epochs > 0, "epochs", "must be > 0")
-        req(self.lr > 0, "lr", "must be > 0")
-        req(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
-        req(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
-        req(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1/beta2", "must be in [0, 1)")
+        v = Validator(self)
+        v.paths("data")
+        v.one_of("template", TEMPLATES)
+        v.ints("seq_len", "batch_size", "grad_accum", "log_every", "keep_checkpoints", "max_bad_steps")
+        v.ints("save_every", "threads", "seed", minimum=0)
+        v.ints("max_steps", "max_examples", optional=True)
+        v.number("epochs", 0, open_low=True)
+        v.number("lr", 0, open_low=True)
+        v.number("min_lr_ratio", 0, 1)
+        v.number("warmup_ratio", 0, 1, open_high=True)
+        v.number("beta1", 0, 1, open_high=True)
+        v.number("beta2", 0, 1, open_high=True)
         for f in ("weight_decay", "grad_clip", "mtp_lambda"):
-            req(getattr(self, f) >= 0, f, "must be >= 0")
-        req(self.precision in ("float32", "bf16"), "precision", "must be float32 or bf16")
-        req(isinstance(self.packing, bool), "packing", "must be true or false")
+            v.number(f, 0)
+        v.one_of("precision", ("float32", "bf16"))
+        v.flags("packing")
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, **overrides):
@@ -139,10 +127,6 @@ class SFTConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 # ---- data and model folders ------------------------------------------------------------------
@@ -185,39 +169,27 @@ class SFTTrainer:
     name = "sft"  # progress-bar label
 
     def __init__(self, cfg: SFTConfig, init: str, out: str, resume: bool = False, progress: bool = True):
-        self.cfg, self.out, self.progress = cfg, out, progress
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        self.ckpt_dir = os.path.join(out, "checkpoints")
-        latest = list_checkpoints(self.ckpt_dir)[-1] if resume and list_checkpoints(self.ckpt_dir) else None
-        if resume and latest is None:
-            warnings.warn(f"--resume: no complete checkpoint in {self.ckpt_dir}; starting from {init}", stacklevel=2)
-        self.device = resolve_device(cfg.device)
-        self.model, self.tokenizer = load_init(latest or init)
-        self.model.to(self.device)
-        if self.tokenizer.vocab_size > self.model.cfg.vocab_size:
+        self.cfg, self.out = cfg, out
+        self.run = run = TrainingRun(out, seed=cfg.seed, device=cfg.device, threads=cfg.threads, resume=resume,
+                                     progress=progress, label=self.name, keep_checkpoints=cfg.keep_checkpoints,
+                                     max_bad_steps=cfg.max_bad_steps)
+        model, self.tokenizer = load_init(run.checkpoint or init)
+        if self.tokenizer.vocab_size > model.cfg.vocab_size:
             raise ValueError(f"the tokenizer in {init} has {self.tokenizer.vocab_size} ids but the model only "
-                             f"{self.model.cfg.vocab_size}: they do not belong together")
-        if cfg.seq_len > self.model.cfg.max_position_embeddings:
+                             f"{model.cfg.vocab_size}: they do not belong together")
+        if cfg.seq_len > model.cfg.max_position_embeddings:
             raise ConfigError(f"{type(cfg).__name__}.seq_len {cfg.seq_len} exceeds the model's "
-                              f"max_position_embeddings {self.model.cfg.max_position_embeddings}")
+                              f"max_position_embeddings {model.cfg.max_position_embeddings}")
         self.examples = load_examples(cfg, self.tokenizer)
         self.batches = SFTBatches([len(ex.tokens) for ex in self.examples], cfg.batch_size, cfg.seed, cfg.packing)
         self.max_steps = cfg.max_steps or math.ceil(cfg.epochs * self.batches.per_epoch / cfg.grad_accum)
         self.warmup = round(cfg.warmup_ratio * self.max_steps)
-        decay = [p for p in self.model.parameters() if p.dim() >= 2]
-        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
-        self.step, self.bad_steps, self.tokens_seen = 0, 0, 0
-        if latest is not None:
-            state = load_trainer_state(latest, self.optimizer)
-            self.step, self.bad_steps = state["step"], state.get("bad_steps", 0)
-            self.tokens_seen = state.get("tokens_seen", 0)
+        state = run.attach(model, self.tokenizer, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                           weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
+        self.model = run.model
+        self.tokens_seen = state.get("tokens_seen", 0)
+        if state:
             self.batches.load_state_dict(state["data"])
-        os.makedirs(out, exist_ok=True)
-        self.metrics = MetricsLog(out, resume_step=self.step if latest is not None else None)
 
     # ---- the objective --------------------------------------------------------------------------
     def loss_weights(self) -> dict[str, float]:
@@ -239,74 +211,54 @@ class SFTTrainer:
             parts["mtp_loss"] = torch.stack(depths).mean()
         return parts, logits
 
+    def _loss(self, batch, n_tokens: int, weights: dict[str, float]) -> tuple[torch.Tensor, dict[str, float]]:
+        input_ids, labels = batch
+        with torch.autocast(self.run.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"):
+            parts, _ = self.loss_parts(input_ids, labels, n_tokens)
+            loss = sum(weights[k] * v for k, v in parts.items())
+        return loss, {"loss": loss.item(), **{k: v.item() for k, v in parts.items()}}
+
     # ---- one optimizer step ---------------------------------------------------------------------
-    def train_step(self) -> dict:
-        cfg, model = self.cfg, self.model
-        model.train()
-        lr = lr_at(self.step, self.max_steps, cfg.lr, self.warmup, "cosine", cfg.min_lr_ratio)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+    def train_step(self) -> dict | None:
+        """One optimizer step over grad_accum micro-batches: its metrics row, or None when it was skipped."""
+        return self.run.run_step(self._step)
+
+    def _step(self) -> dict | None:
+        cfg, run = self.cfg, self.run
+        self.model.train()
+        lr = lr_at(run.step, self.max_steps, cfg.lr, self.warmup, "cosine", cfg.min_lr_ratio)
         t0 = time.perf_counter()
-        micro = [tuple(t.to(self.device) for t in collate_examples([self.examples[i] for i in next(self.batches)],
-                                                                   self.tokenizer.pad_id))
+        micro = [tuple(t.to(run.device) for t in collate_examples([self.examples[i] for i in next(self.batches)],
+                                                                  self.tokenizer.pad_id))
                  for _ in range(cfg.grad_accum)]
         n_tokens = sum(int((labels != IGNORE_INDEX).sum()) for _, labels in micro)
         weights = self.loss_weights()
-        totals: dict[str, float] = {"loss": 0.0}
-        finite = True
-        for input_ids, labels in micro:
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-                parts, _ = self.loss_parts(input_ids, labels, n_tokens)
-                loss = sum(weights[k] * v for k, v in parts.items())
-            if not torch.isfinite(loss):
-                finite = False
-                break
-            loss.backward()
-            totals["loss"] += loss.item()
-            for k, v in parts.items():
-                totals[k] = totals.get(k, 0.0) + v.item()
-        if not finite:
-            return skip_step(self, lr)
-        self.bad_steps = 0
-        grad_norm = optimizer_step(model, self.optimizer, cfg.grad_clip)
+        totals = run.accumulate(micro, lambda b: self._loss(b, n_tokens, weights))
+        if totals is None:
+            return None
+        grad_norm = run.optimizer_step(lr)
         seen = sum(int((ids != self.tokenizer.pad_id).sum()) for ids, _ in micro)  # real tokens, padding excluded
         self.tokens_seen += seen
-        self.step += 1
-        return {"step": self.step, "epoch": round(self.batches.progress, 4), **totals, "lr": lr,
-                "grad_norm": grad_norm, "completion_tokens": n_tokens, "tokens": self.tokens_seen,
+        return {"epoch": round(self.batches.progress, 4), **totals, "lr": lr, "grad_norm": grad_norm,
+                "completion_tokens": n_tokens, "tokens": self.tokens_seen,
                 "tokens_per_s": seen / (time.perf_counter() - t0)}
 
-    def save(self) -> str:
-        return save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer,
-                               {"data": self.batches.state_dict(), "bad_steps": self.bad_steps,
-                                "tokens_seen": self.tokens_seen, "config": self.cfg.to_dict()},
-                               tokenizer=self.tokenizer, keep=self.cfg.keep_checkpoints)
+    # ---- what the run's loop asks for -----------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"data": self.batches.state_dict(), "tokens_seen": self.tokens_seen, "config": self.cfg.to_dict()}
 
-    # ---- the loop -------------------------------------------------------------------------------
+    def postfix(self, row: dict) -> dict:
+        return {"loss": f"{row['loss']:.3f}", "lr": f"{row['lr']:.1e}"}
+
+    def log_line(self, row: dict) -> str:
+        return _log_line(row)
+
     def fit(self) -> dict:
         """Train to max_steps, checkpointing on the way; write out/model/; return the last metrics row."""
-        cfg, last = self.cfg, {}
-        bar = tqdm(total=self.max_steps, initial=self.step, desc=self.name, disable=not self.progress,
-                   dynamic_ncols=True)
-        try:
-            while self.step < self.max_steps:
-                row = self.train_step()
-                bar.update(1)
-                if row.get("skipped"):
-                    continue
-                self.metrics.log(row)
-                last = row
-                at_end = self.step == self.max_steps
-                if self.step % cfg.log_every == 0 or at_end:
-                    bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.1e}")
-                    tqdm.write(_log_line(row))
-                if (cfg.save_every and self.step % cfg.save_every == 0) or at_end:
-                    self.save()
-        finally:
-            bar.close()
-            self.metrics.close()
+        last = self.run.fit(self, self.max_steps, self.cfg.save_every, self.cfg.log_every)
         save_model_dir(self.model, self.tokenizer, os.path.join(self.out, "model"))
-        write_plots(self.out)
+        if is_main_process():
+            write_plots(self.out)
         return last
 
 

@@ -76,10 +76,10 @@ def load_llm(args, default_seqs: int):
     from ..checkpoint import from_pretrained
     from ..data.tokenizer import Tokenizer
     from ..infer.llm import LLM
-    from ..model import resolve_device
+    from ..runtime import local_device
 
     tokenizer = Tokenizer.load(args.model)
-    device = resolve_device(args.device)
+    device = local_device(args.device)
     model = from_pretrained(args.model, dtype=getattr(torch, args.dtype) if args.dtype else None, device=device)
     return LLM(model, tokenizer, max_num_seqs=args.max_num_seqs or default_seqs, max_model_len=args.max_model_len,
                speculative=args.speculative or False, compile=args.compile)

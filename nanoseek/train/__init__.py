@@ -1,4 +1,5 @@
 from .config import TrainConfig
-from .trainer import Trainer, TrainingAborted, language_model_losses
+from .run import TrainingAborted, TrainingRun
+from .trainer import Trainer, language_model_losses
 
-__all__ = ["TrainConfig", "Trainer", "TrainingAborted", "language_model_losses"]
+__all__ = ["TrainConfig", "Trainer", "TrainingAborted", "TrainingRun", "language_model_losses"]

@@ -1,29 +1,61 @@
-"""Expert load balancing for DeepSeekMoE training (V3 report §2.1.2; v3_spec.md §4.4-4.5).
+"""Expert load balancing for DeepSeekMoE training (V3 report §2.1.2; docs/design/moe.md).
 
-- Auxiliary-loss-free balancing: after each optimizer step, b_i += gamma * sign(mean_load - load_i),
-  on the batch's token counts, outside autograd. The bias only changes which experts are selected.
-- Complementary sequence-wise balance loss (eqs. 17-20), alpha tiny (1e-4 in V3).
-- The classic batch-wise auxiliary loss (V2 expert-level loss) for comparisons.
+- Auxiliary-loss-free balancing: at every optimizer step, b_i += gamma * sign(mean_load - load_i) on the step's
+  token counts, outside autograd. The bias only changes which experts are selected. The counts are the MoE
+  layers' `tokens_per_expert` buffers, all-reduced over the process group when there is one, so data-parallel
+  replicas apply the same update and stay identical (ExpertLoad, an optimizer step hook).
+- Complementary sequence-wise balance loss (eqs. 17-20), alpha tiny (1e-4 in V3), and the classic batch-wise
+  auxiliary loss (V2 expert-level loss) for comparisons: both read the gates' outputs of one forward, which a
+  RoutingRecorder collects; the model keeps nothing of them.
 - MaxVio = (max_i load_i - mean load) / mean load, the report's balance metric.
 """
 
 from __future__ import annotations
 
+from typing import Callable, NamedTuple
+
 import torch
+import torch.distributed as dist
 
 from ..model import Transformer
 
 
-def _routing(model: Transformer):
-    for name, moe in model.moe_layers():
-        if moe.routing is not None:
-            yield name, moe.routing
+class Routing(NamedTuple):
+    """One MoE layer's routing in one forward: affinities s (N, E) and the chosen experts (N, K)."""
+    layer: str
+    scores: torch.Tensor
+    idx: torch.Tensor
 
 
-def sequence_balance_loss(model: Transformer, batch_size: int, alpha: float) -> torch.Tensor:
+class RoutingRecorder:
+    """Collects every MoE gate's (affinities, chosen experts) in training-mode forwards, in call order (the
+    main layers, then the MTP blocks that ran), through forward hooks on the gates."""
+
+    def __init__(self, model: Transformer):
+        self.records: list[Routing] = []
+        self._hooks = [moe.gate.register_forward_hook(self._hook(name)) for name, moe in model.moe_layers()]
+
+    def _hook(self, name: str):
+        def record(gate, inputs, outputs):
+            if gate.training:
+                _, idx, scores = outputs
+                self.records.append(Routing(name, scores, idx))
+        return record
+
+    def take(self) -> list[Routing]:
+        """The records since the last take (which drops them)."""
+        records, self.records = self.records, []
+        return records
+
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+
+
+def sequence_balance_loss(routing: list[Routing], batch_size: int, alpha: float) -> torch.Tensor:
     """alpha * sum_i f_i P_i per sequence (eqs. 17-20), averaged over sequences and MoE layers."""
     losses = []
-    for _, (scores, idx) in _routing(model):
+    for _, scores, idx in routing:
         N, E = scores.shape
         K = idx.shape[1]
         T = N // batch_size
@@ -39,10 +71,10 @@ def sequence_balance_loss(model: Transformer, batch_size: int, alpha: float) -> 
     return alpha * torch.stack(losses).mean()
 
 
-def batch_aux_loss(model: Transformer, alpha: float) -> torch.Tensor:
+def batch_aux_loss(routing: list[Routing], alpha: float) -> torch.Tensor:
     """The classic expert-level auxiliary loss over the whole batch (V2 report eq. 23 style)."""
     losses = []
-    for _, (scores, idx) in _routing(model):
+    for _, scores, idx in routing:
         N, E = scores.shape
         K = idx.shape[1]
         f = torch.bincount(idx.flatten(), minlength=E).float() * (E / (K * N))
@@ -53,22 +85,44 @@ def batch_aux_loss(model: Transformer, alpha: float) -> torch.Tensor:
     return alpha * torch.stack(losses).mean()
 
 
-class LoadTracker:
-    """Sums per-expert token counts over the micro-batches of one optimizer step."""
+class ExpertLoad:
+    """The per-expert token counts of each optimizer step and the aux-loss-free bias update.
 
-    def __init__(self, model: Transformer):
-        self.model = model
+    Registered as a post-step hook of the optimizer: after every step it all-reduces the MoE layers' counters
+    (one collective for all layers, only when a process group is initialised), keeps them for the metrics
+    (`max_vio`, `loads`), moves the routing biases by gamma_at(step) (0: no update) and zeroes the counters.
+    A layer that did not run in the step (an MTP block whose loss is off) has no counts and is left out: it must
+    not count as perfectly balanced.
+    """
+
+    def __init__(self, model: Transformer, gamma_at: Callable[[], float] = lambda: 0.0):
+        self.layers = model.moe_layers()
+        self.gamma_at = gamma_at
         self.counts: dict[str, torch.Tensor] = {}
 
-    def accumulate(self) -> None:
-        """Add the counts of the MoE layers that ran in the last training forward (an MTP layer whose loss
-        is off does not run, and must not count as perfectly balanced), then drop their routing tensors."""
-        for name, moe in self.model.moe_layers():
-            if moe.routing is None:
-                continue
-            c = moe.tokens_per_expert.float()
-            self.counts[name] = self.counts[name] + c if name in self.counts else c
-            moe.routing = None
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        optimizer.register_step_post_hook(lambda *_: self.step())
+
+    @torch.no_grad()
+    def step(self) -> None:
+        if not self.layers:
+            return
+        counts = torch.stack([moe.tokens_per_expert for _, moe in self.layers])
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(counts)
+        self.counts = {name: c.float() for (name, _), c in zip(self.layers, counts) if c.sum() > 0}
+        gamma = self.gamma_at()
+        for name, moe in self.layers:
+            bias = moe.gate.e_score_correction_bias
+            if gamma > 0 and bias is not None and name in self.counts:
+                c = self.counts[name].to(bias.device)
+                bias.add_(gamma * torch.sign(c.mean() - c))
+        self.reset()
+
+    def reset(self) -> None:
+        """Zero the counters (a step whose gradients were dropped must not count)."""
+        for _, moe in self.layers:
+            moe.tokens_per_expert.zero_()
 
     def max_vio(self) -> dict[str, float]:
         out = {}
@@ -80,16 +134,3 @@ class LoadTracker:
     def loads(self) -> dict[str, list[float]]:
         """Fraction of routed tokens per expert, per layer (for the heatmap)."""
         return {name: (c / c.sum().clamp(min=1)).tolist() for name, c in self.counts.items()}
-
-    @torch.no_grad()
-    def update_bias(self, gamma: float) -> None:
-        """b_i += gamma * sign(mean_load - load_i) on the batch loads (aux-loss-free balancing)."""
-        if gamma > 0:
-            for name, moe in self.model.moe_layers():
-                bias = moe.gate.e_score_correction_bias
-                if bias is not None and name in self.counts:
-                    c = self.counts[name].to(bias.device)
-                    bias.add_(gamma * torch.sign(c.mean() - c))
-
-    def reset(self) -> None:
-        self.counts = {}

@@ -10,7 +10,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 
-from ..config import ConfigError, load_config
+from ..config import Validator, is_number, load_config
 
 _BALANCE = ("aux_free", "aux_loss", "none")
 
@@ -96,25 +96,27 @@ class TrainConfig:
     device: str | None = None
 
     def __post_init__(self):
-        def req(ok, name, rule):
-            if not ok:
-                raise ConfigError(f"TrainConfig.{name} {rule}")
-        for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "log_every", "val_batches",
-                     "vocab_size", "keep_checkpoints", "max_bad_steps", "corpus_docs"):
-            req(isinstance(getattr(self, name), int) and getattr(self, name) > 0, name, "must be a positive int")
-        for name in ("warmup_steps", "save_every", "val_every", "threads"):
-            req(isinstance(getattr(self, name), int) and getattr(self, name) >= 0, name, "must be an int >= 0")
-        req(self.lr > 0, "lr", "must be > 0")
-        req(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
-        req(self.schedule in ("cosine", "wsd", "constant"), "schedule", "must be cosine, wsd or constant")
-        req(self.precision in ("float32", "bf16"), "precision", "must be float32 or bf16")
-        req(self.balance in _BALANCE, "balance", f"must be one of {_BALANCE}")
-        req(0 <= self.val_fraction < 1, "val_fraction", "must be in [0, 1)")
-        req(self.grad_clip >= 0, "grad_clip", "must be >= 0")
-        for name in ("mtp_lambda", "mtp_lambda_late", "bias_gamma", "bias_gamma_late", "seq_aux_alpha",
+        v = Validator(self)
+        v.ints("seq_len", "batch_size", "grad_accum", "max_steps", "log_every", "val_batches", "vocab_size",
+               "keep_checkpoints", "max_bad_steps", "corpus_docs")
+        v.ints("warmup_steps", "save_every", "val_every", "threads", "seed", minimum=0)
+        v.number("lr", 0, open_low=True)
+        v.number("min_lr_ratio", 0, 1)
+        v.one_of("schedule", ("cosine", "wsd", "constant"))
+        v.one_of("precision", ("float32", "bf16"))
+        v.one_of("balance", _BALANCE)
+        v.number("val_fraction", 0, 1, open_high=True)
+        v.number("beta1", 0, 1, open_high=True)
+        v.number("beta2", 0, 1, open_high=True)
+        for name in ("grad_clip", "mtp_lambda", "mtp_lambda_late", "bias_gamma", "bias_gamma_late", "seq_aux_alpha",
                      "aux_loss_alpha", "weight_decay"):
-            req(getattr(self, name) >= 0, name, "must be >= 0")
-        req(isinstance(self.model, dict), "model", "must be a mapping of ModelConfig fields")
+            v.number(name, 0)
+        for name in ("mtp_switch_frac", "gamma_switch_frac"):
+            v.number(name, 0, 1)
+        v.require(self.peak_gflops is None or (is_number(self.peak_gflops) and self.peak_gflops > 0), "peak_gflops",
+                  "must be a number > 0 or None")
+        v.paths("data")
+        v.require(isinstance(self.model, dict), "model", "must be a mapping of ModelConfig fields")
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, **overrides) -> "TrainConfig":

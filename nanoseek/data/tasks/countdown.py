@@ -1,6 +1,6 @@
 """Task "countdown": reach a target from 3-4 numbers with + - * /, each number used at most once.
 
-The TinyZero / Mini-R1 benchmark task (grpo_anchors.md §3.3, §4), generated instead of downloaded:
+The TinyZero / Mini-R1 benchmark task (docs/design/grpo_sources.md), generated instead of downloaded:
 a random expression over all the numbers is built first and its value becomes the target, so every
 problem has a solution. Every division in it is exact and every intermediate value positive (the
 classic rules), and the target is never one of the numbers.

@@ -8,7 +8,7 @@ log-likelihood of
   which the model has to compute.
 docs/r1_report.md uses it to follow what pretraining teaches (and what a tokenizer change did).
 
-    python benchmarks/diagnose_copy_compute.py runs/r1/pretrain/checkpoints/step-001400 [more checkpoints]
+    python experiments/diagnose_copy_compute.py runs/r1/pretrain/checkpoints/step-001400 [more checkpoints]
 """
 
 from __future__ import annotations

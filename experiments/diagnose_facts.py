@@ -7,24 +7,21 @@ that also only use numbers from the question or earlier results ("grounded"). Wi
 samples 8 completions at T 1.0 and reports pass@1 and pass@8 there (how often some sample is right).
 docs/r1_report.md uses it to show what GRPO does to the facts.
 
-    python benchmarks/diagnose_facts.py runs/r1/cold_start/model runs/r1/grpo/model
-    python benchmarks/diagnose_facts.py runs/r1/student_pretrain/checkpoints/step-001000 --template r1_zero
+    python experiments/diagnose_facts.py runs/r1/cold_start/model runs/r1/grpo/model
+    python experiments/diagnose_facts.py runs/r1/student_pretrain/checkpoints/step-001000 --template r1_zero
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from nanoseek.data.tokenizer import Tokenizer  # noqa: E402
-from nanoseek.rl import EvalConfig, equations, final_answer, is_correct  # noqa: E402
-from nanoseek.rl.data import question_of, task_examples, task_of  # noqa: E402
-from nanoseek.rl.evaluate import sample_problems  # noqa: E402
-from nanoseek.rl.rewards import think_text  # noqa: E402
+from nanoseek.data.tokenizer import Tokenizer
+from nanoseek.rl import EvalConfig, equations, final_answer, is_correct
+from nanoseek.rl.data import question_of, task_examples, task_of
+from nanoseek.rl.evaluate import sample_problems
+from nanoseek.rl.rewards import think_text
 
 
 def facts(model: str, problems: list, cfg: EvalConfig) -> dict:

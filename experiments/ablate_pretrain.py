@@ -7,9 +7,9 @@
   dense      dense SwiGLU FFN with the same activated parameters per token, MTP on
 
 Reports the final validation loss of the main head and the MaxVio (mean over MoE layers of the last
-20 steps), writes docs/pretraining_ablations.md and docs/pretraining_ablations.png.
+20 steps), writes docs/pretraining_ablations_table.md and docs/pretraining_ablations.png.
 
-    python benchmarks/ablate_pretrain.py --steps 200 --out runs/ablation
+    python experiments/ablate_pretrain.py --steps 200 --out runs/ablation
 """
 
 from __future__ import annotations
@@ -17,13 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from nanoseek.train import TrainConfig, Trainer  # noqa: E402
-from nanoseek.train.metrics import read_jsonl  # noqa: E402
+from nanoseek.train import TrainConfig, Trainer
+from nanoseek.train.metrics import read_jsonl
 
 ARMS = {
     "aux_free": dict(balance="aux_free"),

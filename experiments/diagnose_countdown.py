@@ -12,23 +12,20 @@ For held-out level-1 problems this samples k completions per problem at the R1 e
 - and the share of all written "x op y = z" operations that are arithmetically right, and pass@1.
 docs/r1_report.md uses it to say which step fails.
 
-    python benchmarks/diagnose_countdown.py runs/r1/cold_start/model runs/r1/rs_sft/model
+    python experiments/diagnose_countdown.py runs/r1/cold_start/model runs/r1/rs_sft/model
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import re
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from nanoseek.data.r1_format import extract_answer  # noqa: E402
-from nanoseek.data.tasks.countdown import _pair, countdown_check  # noqa: E402
-from nanoseek.data.tasks.expr import apply  # noqa: E402
-from nanoseek.infer import LLM, SamplingParams  # noqa: E402
-from nanoseek.rl.data import prompt_text, task_examples  # noqa: E402
+from nanoseek.data.r1_format import extract_answer
+from nanoseek.data.tasks.countdown import _pair, countdown_check
+from nanoseek.data.tasks.expr import apply
+from nanoseek.infer import LLM, SamplingParams
+from nanoseek.rl.data import prompt_text, task_examples
 
 OP = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)")
 
