@@ -3,11 +3,23 @@
 Validation runs in `__post_init__`; every error is a ValueError that names the field and the rule.
 The processing order of the sampler is fixed (nanoseek/infer/sampler.py): penalties on the raw
 logits, then temperature (0 = greedy argmax of the penalized logits), top-k, top-p, min-p.
+
+Numbers must survive the sampler, which computes in float32 and holds top_k in an int64 tensor (a
+value that overflows turns a row's distribution into NaN, or fails the whole engine step): floats are
+finite and at most 3.4e38 in magnitude, top_p and repetition_penalty are at least 1e-30, top_k fits in
+int64, and tiny temperatures follow vLLM (_SAMPLING_EPS, _MAX_TEMP): below 1e-5 they mean greedy,
+below 0.01 they are raised to 0.01.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+GREEDY_BELOW = 1e-5             # vLLM's _SAMPLING_EPS: smaller temperatures are greedy (0)
+MIN_TEMPERATURE = 1e-2          # vLLM's _MAX_TEMP: other temperatures below it are raised to it
+_FLOAT32_MAX = 3.4028234663852886e38
+_MIN_POSITIVE = 1e-30           # floor of top_p and repetition_penalty: logits / 1e-30 / 0.01 still fit float32
+_INT64_MAX = 2**63 - 1
 
 
 @dataclass
@@ -17,7 +29,8 @@ class SamplingParams:
     Attributes:
         n: independent samples (each its own sequence and cache slot).
         max_tokens: most tokens to generate per sample; None = up to the engine's max_model_len.
-        temperature: 0 = greedy; otherwise logits are divided by it before sampling.
+        temperature: 0 = greedy; otherwise logits are divided by it before sampling (as in vLLM,
+            values below GREEDY_BELOW become 0, values below MIN_TEMPERATURE become MIN_TEMPERATURE).
         top_p: keep the smallest set of most likely tokens whose probability reaches top_p (1 = off).
         top_k: keep the k most likely tokens (-1 or 0 = off).
         min_p: drop tokens whose probability is below min_p times the most likely one's (0 = off).
@@ -60,6 +73,8 @@ class SamplingParams:
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
         self._validate()
+        if 0.0 < self.temperature < MIN_TEMPERATURE:  # logits divided by less overflow float32
+            self.temperature = 0.0 if self.temperature < GREEDY_BELOW else MIN_TEMPERATURE
 
     def _validate(self) -> None:
         _int("n", self.n, 1)
@@ -67,8 +82,9 @@ class SamplingParams:
             _int("max_tokens", self.max_tokens, 1)
         _num("temperature", self.temperature, lo=0.0)
         _num("top_p", self.top_p, lo=0.0, lo_open=True, hi=1.0)
-        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < -1:
-            raise ValueError(f"SamplingParams.top_k must be an int >= 1, or -1/0 to disable it; got {self.top_k!r}")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or not -1 <= self.top_k <= _INT64_MAX:
+            raise ValueError(f"SamplingParams.top_k must be an int in [1, 2**63 - 1], or -1/0 to disable it; "
+                             f"got {self.top_k!r}")
         _num("min_p", self.min_p, lo=0.0, hi=1.0)
         _num("repetition_penalty", self.repetition_penalty, lo=0.0, lo_open=True)
         _num("presence_penalty", self.presence_penalty, lo=-2.0, hi=2.0)
@@ -105,12 +121,16 @@ def _int(name: str, value, lo: int) -> None:
 
 
 def _num(name: str, value, lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+    """A finite number in the range, small enough in magnitude for float32 (the sampler's dtype)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= _FLOAT32_MAX
     if ok and lo is not None:
         ok = value > lo if lo_open else value >= lo
     if ok and hi is not None:
         ok = value <= hi
     if not ok:
-        left = "(" if lo_open else "["
-        raise ValueError(f"SamplingParams.{name} must be a number in {left}{lo}, {hi if hi is not None else 'inf'}]; "
-                         f"got {value!r}")
+        rule = (f"in {'(' if lo_open else '['}{lo}, {hi}]" if hi is not None
+                else f"{'>' if lo_open else '>='} {lo} and at most 3.4e38 (float32)")
+        raise ValueError(f"SamplingParams.{name} must be a finite number {rule}; got {value!r}")
+    if lo_open and lo == 0.0 and value < _MIN_POSITIVE:
+        raise ValueError(f"SamplingParams.{name} must be at least {_MIN_POSITIVE:g} (smaller values round to 0 "
+                         f"or overflow the sampler's float32 logits); got {value!r}")

@@ -7,6 +7,12 @@ Key choices:
 - Bad input never reaches the engine thread unchecked: the request model, the model name, token ids,
   the context length and SamplingParams are checked in the handler and answered with a 4xx OpenAI
   error body; the engine's own "cannot fit" ValueError is a 400 too. Only a broken engine gives a 500.
+- A hostile request costs little and stalls no one: the API key is checked before the body is read,
+  the body is bounded (ServerLimits) and parsed by protocol.py, stop lists are bounded, and a text
+  that cannot fit the context whatever its tokens (more characters than max_model_len times the
+  most bytes a token spells) is refused before tokenizing. Big JSON, chat-template rendering and
+  tokenizing run on a worker thread, tokenizing through `encode_batch`, which releases the GIL
+  (`encode` holds it: a 1 MB prompt froze every other request for seconds).
 - A client that goes away aborts its requests (their cache slots are freed at once): a stream notices
   through Starlette's disconnect listener cancelling the generator; a plain request races its result
   against `http.disconnect`.
@@ -37,21 +43,31 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..infer.params import SamplingParams
 from ..infer.sampler import logprobs_of
 from ..infer.reasoning import ReasoningStream, prompt_opens_think, split_reasoning
-from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, chat_logprobs, describe_validation_error,
-                       error_body, join_legacy, legacy_logprobs, sse)
+from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, ServerLimits, chat_logprobs,
+                       describe_validation_error, error_body, join_legacy, legacy_logprobs, parse_request, read_body,
+                       sse)
 from .runner import EngineDied, EngineRunner
 
+_LIMITS = ServerLimits()
+_INLINE_SIZE = 2048  # bytes of request body whose parsing and tokenizing run inline; bigger go to a thread
 
-def create_app(llm, served_model_name: str = "nanoseek", api_key: str | None = None) -> FastAPI:
+
+def create_app(llm, served_model_name: str = "nanoseek", api_key: str | None = None,
+               max_body_bytes: int = _LIMITS.max_body_bytes, max_stop_strings: int = _LIMITS.max_stop_strings,
+               max_stop_length: int = _LIMITS.max_stop_length,
+               max_stop_token_ids: int = _LIMITS.max_stop_token_ids) -> FastAPI:
     """Build the FastAPI app serving `llm` (a nanoseek.LLM); its engine thread runs while the app does.
 
     Args:
         llm: the nanoseek.LLM whose engine, tokenizer and max_model_len are served.
         served_model_name: the model id clients must name (or omit) in requests.
         api_key: when set, /v1/* routes need `Authorization: Bearer <api_key>`.
+        max_body_bytes, max_stop_strings, max_stop_length, max_stop_token_ids: the ServerLimits a request is
+            held to (see nanoseek/serve/protocol.py for the defaults and where they come from).
     """
+    limits = ServerLimits(max_body_bytes, max_stop_strings, max_stop_length, max_stop_token_ids)
     runner = EngineRunner(llm.llm_engine)
-    server = _Server(llm, runner, served_model_name)
+    server = _Server(llm, runner, served_model_name, limits)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -60,7 +76,7 @@ def create_app(llm, served_model_name: str = "nanoseek", api_key: str | None = N
         runner.stop()
 
     app = FastAPI(title="nanoseek", lifespan=lifespan)
-    app.state.runner = runner
+    app.state.runner, app.state.limits = runner, limits
 
     async def check_key(request: Request) -> None:
         if api_key is None:
@@ -95,13 +111,16 @@ def create_app(llm, served_model_name: str = "nanoseek", api_key: str | None = N
     async def models():
         return {"object": "list", "data": [server.model_card()]}
 
+    # The body is not a declared parameter: FastAPI would read and parse it before check_key runs.
     @app.post("/v1/completions", dependencies=[Depends(check_key)])
-    async def completions(req: CompletionRequest, raw: Request):
-        return await server.completions(req, raw)
+    async def completions(raw: Request):
+        req, size = await server.read(raw, CompletionRequest)
+        return await server.completions(req, raw, size)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
-    async def chat_completions(req: ChatCompletionRequest, raw: Request):
-        return await server.chat(req, raw)
+    async def chat_completions(raw: Request):
+        req, size = await server.read(raw, ChatCompletionRequest)
+        return await server.chat(req, raw, size)
 
     return app
 
@@ -109,40 +128,68 @@ def create_app(llm, served_model_name: str = "nanoseek", api_key: str | None = N
 class _Server:
     """The request handling behind the routes (kept out of create_app so each piece reads on its own)."""
 
-    def __init__(self, llm, runner: EngineRunner, name: str):
-        self.llm, self.runner, self.name = llm, runner, name
+    def __init__(self, llm, runner: EngineRunner, name: str, limits: ServerLimits):
+        self.llm, self.runner, self.name, self.limits = llm, runner, name, limits
         self.tok = llm.tokenizer
         self.max_model_len: int = llm.llm_engine.max_model_len
         self.vocab_size: int = llm.llm_engine.cfg.vocab_size
         self.max_num_seqs: int = llm.llm_engine.max_num_seqs
+        # Every token's text is at most this many UTF-8 bytes (a partial byte decodes to the 3-byte U+FFFD,
+        # which only overestimates), and a character is at least one byte: a text of c characters has
+        # at least c / max_token_bytes tokens.
+        self.max_token_bytes = max(len(self.tok.decode([i]).encode()) for i in range(self.tok.vocab_size)) or 1
         self.created = int(time.time())
 
     def model_card(self) -> dict:
         return {"id": self.name, "object": "model", "created": self.created, "owned_by": "nanoseek",
                 "max_model_len": self.max_model_len}
 
-    # ---- checks ---------------------------------------------------------------------------------------
+    # ---- reading and checks ---------------------------------------------------------------------------
+
+    async def read(self, raw: Request, model: type) -> tuple:
+        """(the request body held to the limits and validated as `model`, the body's size in bytes); any
+        failure is a 4xx APIError. The size measures the CPU work the request will take (see _off_loop)."""
+        body = await read_body(raw, self.limits.max_body_bytes)
+        return await _off_loop(partial(parse_request, body, model, self.limits), len(body)), len(body)
 
     def _check_model(self, model: str | None) -> None:
         if model is not None and model != self.name:
-            raise APIError(404, f"The model `{model}` does not exist; this server serves `{self.name}`.",
+            shown = model if len(model) <= 100 else model[:100] + "..."
+            raise APIError(404, f"The model `{shown}` does not exist; this server serves `{self.name}`.",
                            "not_found_error", "model", "model_not_found")
 
-    def _check_prompt(self, ids: list[int], max_tokens: int | None, param: str, n: int) -> None:
+    def _check_n(self, n: int) -> None:
         if n > self.max_num_seqs:
             raise APIError(400, f"n={n} exceeds the {self.max_num_seqs} sequences this server decodes at once.",
                            param="n")
+
+    def _check_fits(self, prompt_tokens: int, max_tokens: int | None, param: str) -> None:
+        need = prompt_tokens + (1 if max_tokens is None else max_tokens)
+        if need > self.max_model_len:
+            raise APIError(400, f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                           f"you requested {need} tokens ({prompt_tokens} in the prompt, {need - prompt_tokens} for "
+                           f"the completion). Please reduce the prompt or max_tokens.", param=param,
+                           code="context_length_exceeded")
+
+    def _check_prompt(self, ids: list[int], max_tokens: int | None, param: str) -> None:
         if not ids:
             raise APIError(400, "The prompt is empty.", param=param)
+        self._check_fits(len(ids), max_tokens, param)  # before the scan below, which is O(len(ids))
         bad = [t for t in ids if not 0 <= t < self.vocab_size]
         if bad:
             raise APIError(400, f"Token id {bad[0]} is outside the vocabulary [0, {self.vocab_size}).", param=param)
-        need = len(ids) + (1 if max_tokens is None else max_tokens)
-        if need > self.max_model_len:
-            raise APIError(400, f"This model's maximum context length is {self.max_model_len} tokens. However, "
-                           f"you requested {need} tokens ({len(ids)} in the prompt, {need - len(ids)} for the "
-                           f"completion). Please reduce the prompt or max_tokens.", param=param,
-                           code="context_length_exceeded")
+
+    def _encode(self, texts: list[str], param: str) -> list[list[int]]:
+        """Token ids of `texts`; a text too long to fit whatever its tokens is refused untokenized."""
+        for text in texts:
+            at_least = -(-len(text) // self.max_token_bytes)
+            if at_least > self.max_model_len:
+                raise APIError(400, f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                               f"your prompt of {len(text)} characters has at least {at_least} tokens. Please "
+                               f"reduce the prompt.", param=param, code="context_length_exceeded")
+        if hasattr(self.tok, "encode_batch"):  # releases the GIL while the Rust backend works
+            return self.tok.encode_batch(texts)
+        return [self.tok.encode(t) for t in texts]
 
     @staticmethod
     def _params(**kwargs) -> SamplingParams:
@@ -231,21 +278,23 @@ class _Server:
 
     # ---- /v1/completions ------------------------------------------------------------------------------
 
-    def _completion_prompts(self, prompt) -> list[tuple[str | None, list[int]]]:
-        if isinstance(prompt, str):
-            return [(prompt, self.tok.encode(prompt))]
-        if not prompt:
+    def _completion_prompts(self, prompt, max_tokens: int | None) -> list[tuple[str, list[int]]]:
+        """(text, token ids) per prompt, each checked (CPU work for a worker thread when the request is big)."""
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+            prompt = [prompt]
+        elif not prompt:
             raise APIError(400, "The prompt is empty.", param="prompt")
-        if isinstance(prompt[0], int):
-            return [(None, list(prompt))]
-        return [(p, self.tok.encode(p)) if isinstance(p, str) else (None, list(p)) for p in prompt]
-
-    async def completions(self, req: CompletionRequest, raw: Request):
-        self._check_model(req.model)
-        prompts = self._completion_prompts(req.prompt)
+        encoded = iter(self._encode([p for p in prompt if isinstance(p, str)], "prompt"))
+        prompts = [(p, next(encoded)) if isinstance(p, str) else (None, list(p)) for p in prompt]
         for _, ids in prompts:
-            self._check_prompt(ids, req.max_tokens, "prompt", req.n)
-        texts = [p if p is not None else self.tok.decode(ids) for p, ids in prompts]
+            self._check_prompt(ids, max_tokens, "prompt")
+        return [(p if p is not None else self.tok.decode(ids), ids) for p, ids in prompts]
+
+    async def completions(self, req: CompletionRequest, raw: Request, size: int):
+        self._check_model(req.model)
+        self._check_n(req.n)
+        prompts = await _off_loop(partial(self._completion_prompts, req.prompt, req.max_tokens), size)
+        texts = [text for text, _ in prompts]
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": self.name}
         if req.max_tokens == 0:
@@ -342,17 +391,23 @@ class _Server:
 
     # ---- /v1/chat/completions -------------------------------------------------------------------------
 
-    async def chat(self, req: ChatCompletionRequest, raw: Request):
-        self._check_model(req.model)
+    def _render(self, req: ChatCompletionRequest) -> tuple[str, list[int]]:
+        """The chat prompt text and its checked token ids (CPU work for a worker thread when the request is big)."""
         try:
             text = self.tok.apply_chat_template(req.chat_messages(), add_generation_prompt=req.add_generation_prompt)
         except Exception as e:  # noqa: BLE001 - a template error is the request's fault
             raise APIError(400, f"cannot render the chat template: {e}", param="messages") from None
-        ids = self.tok.encode(text)
+        ids = self._encode([text], "messages")[0]
+        self._check_prompt(ids, req.max_new_tokens, "messages")
+        return text, ids
+
+    async def chat(self, req: ChatCompletionRequest, raw: Request, size: int):
+        self._check_model(req.model)
+        self._check_n(req.n)
         max_tokens = req.max_new_tokens
         if max_tokens == 0:
             raise APIError(400, "max_tokens must be at least 1 for chat completions.", param="max_tokens")
-        self._check_prompt(ids, max_tokens, "messages", req.n)
+        text, ids = await _off_loop(partial(self._render, req), size)
         want_lp, top_n = req.logprobs, req.top_logprobs or 0
         think_opened = prompt_opens_think(text)
         params = self._params(**req.sampling_kwargs(), max_tokens=max_tokens, logprobs=top_n if want_lp else None)
@@ -411,6 +466,13 @@ class _Server:
                                                     "finish_reason": c.finish_reason if is_last else None}], **extra}
 
         return self._stream(chunks(), lambda: usage(last[0]), req.include_usage, head)
+
+
+async def _off_loop(fn, size: int):
+    """fn() on a worker thread when the request's body is over _INLINE_SIZE bytes, so the event loop keeps
+    answering others meanwhile; a small request's work runs inline, where a thread hop would cost more.
+    The body's size bounds the work: its text, its token ids and its item count are all in it."""
+    return await asyncio.to_thread(fn) if size > _INLINE_SIZE else fn()
 
 
 async def _disconnected(raw: Request) -> None:

@@ -3,6 +3,15 @@
 Key choices:
 - Requests are pydantic models that ignore unknown fields (OpenAI clients send many: `user`,
   `logit_bias`, `tools`, ...); ranges are declared on the fields so a 400 names the bad parameter.
+  Floats must be finite (JSON's non-standard `Infinity`/`NaN` parse, then fail on their field).
+- The body is read and parsed here, not by FastAPI, so that the API key is checked before a byte of it
+  is read (FastAPI reads a declared body before running dependencies), its size is bounded from
+  Content-Length and again while it streams in, and every JSON failure (not UTF-8, invalid, too
+  deeply nested, a 5000-digit number) is a 4xx.
+- Every string the server uses is `Text`: a lone UTF-16 surrogate (JSON's "\\ud800" escape parses to
+  one; no tokenizer or UTF-8 encoder accepts it) is a 400 naming its field.
+- ServerLimits holds the policies a request is held to (body size, stop lists), with the defaults of
+  vLLM and the OpenAI API.
 - Besides OpenAI's fields, the vLLM sampling extras that RL and eval clients send through
   `extra_body` are accepted: top_k, min_p, repetition_penalty, stop_token_ids, ignore_eos,
   include_stop_str_in_output, skip_special_tokens.
@@ -15,9 +24,12 @@ Key choices:
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+import re
+from dataclasses import dataclass, fields
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from starlette.requests import ClientDisconnect, Request
 
 
 class APIError(Exception):
@@ -42,6 +54,20 @@ def sse(obj: dict | str) -> str:
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _unicode(s: str) -> str:
+    # JSON's "\\ud800" escape parses to a Python str that no tokenizer or UTF-8 encoder accepts
+    if not s.isascii() and _SURROGATE.search(s):
+        raise ValueError("the text holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape), which is "
+                         "not valid Unicode")
+    return s
+
+
+Text = Annotated[str, AfterValidator(_unicode)]  # every string of a request that the server uses
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
     include_usage: bool = False
@@ -50,8 +76,8 @@ class StreamOptions(BaseModel):
 class _SamplingRequest(BaseModel):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
-    model_config = ConfigDict(extra="ignore")
-    model: str | None = None
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    model: Text | None = None
     n: int = Field(1, ge=1, le=128)
     temperature: float | None = Field(None, ge=0.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
@@ -61,7 +87,7 @@ class _SamplingRequest(BaseModel):
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     seed: int | None = None
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
@@ -88,7 +114,7 @@ class _SamplingRequest(BaseModel):
 class CompletionRequest(_SamplingRequest):
     """POST /v1/completions. `prompt`: a string, a list of strings, token ids, or a list of token-id lists."""
 
-    prompt: str | list[int] | list[str | list[int]]
+    prompt: Text | list[int] | list[Text | list[int]]
     max_tokens: int | None = Field(16, ge=0)
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
@@ -97,13 +123,13 @@ class CompletionRequest(_SamplingRequest):
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
+    content: Text | list[TextPart] | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -130,6 +156,106 @@ class ChatCompletionRequest(_SamplingRequest):
         return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
 
 
+# ---- reading a request -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """What one request may ask of the server; each is a `nanoseek serve` flag of the same name.
+
+    Attributes:
+        max_body_bytes: largest request body, refused with 413 from its Content-Length or as soon as the
+            bytes read pass it, before any JSON parsing. 32 MiB: vLLM's Rust front end's cap (vLLM #46582;
+            its Python front end has none), room for a batch of full-context token-id prompts.
+        max_stop_strings: most `stop` strings per request. 4: the OpenAI API's limit, which vLLM enforces
+            too (vLLM #51447); the engine thread scans every stop string after every token.
+        max_stop_length: longest `stop` string in characters. 240: vLLM's TGIS front end's
+            MAX_STOP_SEQ_LENGTH (neither the OpenAI API nor vLLM's OpenAI server documents one); a stop
+            string this long also holds back as many characters of every streamed delta.
+        max_stop_token_ids: most `stop_token_ids` per request. 128: vLLM's proposed VLLM_MAX_STOP_TOKEN_IDS
+            (vLLM #54721); OpenAI has no such field.
+    """
+
+    max_body_bytes: int = 32 * 1024 * 1024
+    max_stop_strings: int = 4
+    max_stop_length: int = 240
+    max_stop_token_ids: int = 128
+
+    def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"ServerLimits.{f.name} must be an int >= 1; got {value!r}")
+
+    def check(self, data: dict) -> None:
+        """Refuse a parsed JSON request whose stop lists break the limits: on the raw JSON, so that a
+        million stop strings are refused before each one is validated."""
+        stop = data.get("stop")
+        stop = [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else []
+        if len(stop) > self.max_stop_strings:
+            raise APIError(400, f"stop: at most {self.max_stop_strings} stop strings are allowed; got {len(stop)}.",
+                           param="stop")
+        longest = max((len(s) for s in stop if isinstance(s, str)), default=0)
+        if longest > self.max_stop_length:
+            raise APIError(400, f"stop: a stop string may be at most {self.max_stop_length} characters long; got "
+                           f"one of {longest}.", param="stop")
+        ids = data.get("stop_token_ids")
+        if isinstance(ids, list) and len(ids) > self.max_stop_token_ids:
+            raise APIError(400, f"stop_token_ids: at most {self.max_stop_token_ids} ids are allowed; got {len(ids)}.",
+                           param="stop_token_ids")
+
+
+async def read_body(raw: Request, max_bytes: int) -> bytearray:
+    """The request body, refused (413) once it is known to exceed `max_bytes`: from Content-Length before
+    reading, else as soon as the bytes streamed in pass it (a chunked upload has no Content-Length)."""
+    media = (raw.headers.get("content-type") or "application/json").split(";", 1)[0].strip().lower()
+    if media != "application/json" and not media.endswith("+json"):
+        raise APIError(415, f"Content-Type must be application/json; got {media[:100]!r}.",
+                       code="unsupported_media_type")
+    too_big = f"The request body exceeds this server's limit of {max_bytes} bytes."
+    length = raw.headers.get("content-length", "")
+    if length.isdigit() and int(length) > max_bytes:
+        raise APIError(413, too_big, code="request_too_large")
+    body = bytearray()
+    try:
+        async for chunk in raw.stream():
+            body += chunk
+            if len(body) > max_bytes:
+                raise APIError(413, too_big, code="request_too_large")
+    except ClientDisconnect:
+        raise APIError(499, "client disconnected") from None
+    return body
+
+
+def parse_request(body: bytes | bytearray, model: type[BaseModel], limits: ServerLimits) -> BaseModel:
+    """Parse a JSON body, hold it to `limits` and validate it as `model`; every failure is an APIError
+    400 naming what it can.
+
+    CPU work for a worker thread when the body is big (json.loads holds the GIL throughout, about
+    40 ms per MB of small numbers on a slow core, which bounds how long a big body stalls others).
+    """
+    try:  # strict UTF-8 (RFC 8259): no surrogate code points encoded as bytes
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise APIError(400, f"The request body is not valid UTF-8: byte {e.start} cannot be decoded.") from None
+    if not text.strip():
+        raise APIError(400, "The request body is empty; send a JSON object.")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise APIError(400, f"The request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise APIError(400, "The request body is nested too deeply to parse.") from None
+    except ValueError as e:  # Python refuses to convert integers of more than 4300 digits
+        raise APIError(400, f"The request body holds a number too long to read: {str(e).split(';')[0]}.") from None
+    if isinstance(data, dict):
+        limits.check(data)
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        message, kind, param = describe_validation_error(e.errors(include_url=False, include_input=False))
+        raise APIError(400, message, kind, param) from None
+
+
 # ---- response pieces ---------------------------------------------------------------------------------
 
 def describe_validation_error(errors: list[dict]) -> tuple[str, str, str | None]:
@@ -149,7 +275,13 @@ def describe_validation_error(errors: list[dict]) -> tuple[str, str, str | None]
         return "The request body must be a JSON object (sent with Content-Type: application/json).", \
             "invalid_request_error", None
     param = first[0]
-    msgs = list(dict.fromkeys(err["msg"] for err in errors if (path(err)[:1] or [None])[0] == param))
+    mine = [err for err in errors if (path(err)[:1] or [None])[0] == param]
+    # a value of the right type that breaks a rule (a lone surrogate in a str) says more than the
+    # other union branches' "Input should be a valid list"
+    ruled = [err for err in mine if err.get("type") == "value_error"]
+    if ruled:
+        first, mine = path(ruled[0]), ruled
+    msgs = list(dict.fromkeys(err["msg"].removeprefix("Value error, ") for err in mine))
     return f"{'.'.join(first)}: {'; or '.join(msgs[:3])}", "invalid_request_error", param
 
 
