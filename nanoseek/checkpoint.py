@@ -9,6 +9,14 @@ Name mapping between the module tree and the HF layout:
   checked-then-dropped on load.
 FP8 weights (float8_e4m3fn + fp32 `weight_scale_inv` 128x128 block scales) are dequantized on load.
 No pickle: safetensors only. Writes go to a temporary file that is renamed into place.
+
+A folder that cannot be loaded raises CheckpointError naming the file and, where there is one, the tensor:
+unreadable JSON, a config.json that is not an object, an unknown torch_dtype, an index without a weight_map
+or with an entry outside the folder (absolute or through ".."; symlinks inside it, as in the HF cache, are
+followed), a safetensors file that is empty, cut short or not safetensors (its header does not match its
+size). Weights holding NaN or Inf are refused too (`allow_non_finite=True` loads them): transformers and vLLM
+load them silently, and such a model generates nothing or garbage with no hint why. The check is one
+`isfinite` pass per tensor as it is loaded.
 """
 
 from __future__ import annotations
@@ -20,32 +28,72 @@ import warnings
 from collections import defaultdict
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from .config import ModelConfig
-from .files import atomic
+from .config import ConfigError, ModelConfig
+from .files import atomic, read_json
 from .fp8 import block_dequantize, block_quantize
 from .model.transformer import Transformer
 
 _EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
 _MTP_COPIES = ("embed_tokens.weight", "shared_head.head.weight")
+_DTYPES = ("float32", "bfloat16", "float16", "float64")  # what a config's torch_dtype may name
+_INDEX_FILE = "model.safetensors.index.json"
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that does not fit the model; the message names the tensor."""
+    """A model folder that cannot be loaded; the message names the file and, where there is one, the tensor."""
 
 
 # ---- loading --------------------------------------------------------------------------------------
 
+def _open_safetensors(file: str):
+    """A safe_open handle; CheckpointError naming the file when it is missing, empty, cut short or not safetensors
+    (safetensors compares the size its header declares with the file's)."""
+    try:
+        return safe_open(file, framework="pt")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+
+
+def _read_config(path: str) -> tuple[dict, ModelConfig]:
+    """config.json of folder `path`: (the HF dict, the ModelConfig); errors name the file."""
+    file = os.path.join(path, "config.json")
+    if not os.path.isfile(file):
+        raise CheckpointError(f"no config.json in {path}")
+    hf_cfg = read_json(file, error=CheckpointError)
+    try:
+        return hf_cfg, ModelConfig.from_hf(hf_cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{file}: {e}") from None
+    except (TypeError, AttributeError) as e:  # a field of the wrong JSON type, e.g. rope_scaling as a string
+        raise CheckpointError(f"{file}: not a DeepSeek-V2/V3 config ({e})") from None
+
+
+def _config_dtype(hf_cfg: dict, path: str) -> torch.dtype:
+    """The parameter dtype config.json names (torch_dtype, or dtype as newer transformers write), float32 if none."""
+    key = "torch_dtype" if hf_cfg.get("torch_dtype") else "dtype"
+    name = hf_cfg.get(key) or "float32"
+    if name not in _DTYPES:
+        raise CheckpointError(f"{os.path.join(path, 'config.json')}: {key} {name!r} is not one of {_DTYPES}")
+    return getattr(torch, name)
+
+
 def _weight_files(path: str) -> dict[str, str]:
     """tensor name -> file, from the index or from the safetensors files in the folder."""
-    index = os.path.join(path, "model.safetensors.index.json")
+    index = os.path.join(path, _INDEX_FILE)
     if os.path.isfile(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
+        weight_map = read_json(index, error=CheckpointError).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise CheckpointError(f"{index}: needs a \"weight_map\" object of tensor name -> file name")
+        for name, file in weight_map.items():
+            norm = os.path.normpath(file)
+            if os.path.isabs(file) or norm == os.pardir or norm.startswith(os.pardir + os.sep):
+                raise CheckpointError(f"{index}: tensor {name} points to {file!r}, outside the folder "
+                                      "(entries must be file names relative to it)")
         return {name: os.path.join(path, file) for name, file in weight_map.items()}
     files = (["model.safetensors"] if os.path.isfile(os.path.join(path, "model.safetensors")) else
              sorted(f for f in os.listdir(path) if f.endswith(".safetensors")))
@@ -53,13 +101,24 @@ def _weight_files(path: str) -> dict[str, str]:
         raise CheckpointError(f"no *.safetensors files in {path}")
     names = {}
     for file in files:
-        with safe_open(os.path.join(path, file), framework="pt") as f:
+        with _open_safetensors(os.path.join(path, file)) as f:
             names.update({k: os.path.join(path, file) for k in f.keys()})
     return names
 
 
+def check_files(path: str | os.PathLike) -> None:
+    """Raise CheckpointError when folder `path` cannot be loaded for a reason its files show without reading
+    the tensors: config.json, the index and every safetensors header (a truncated file fails here)."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path} is not a folder")
+    hf_cfg, _ = _read_config(path)
+    _config_dtype(hf_cfg, path)
+    _Reader(_weight_files(path)).open_all()
+
+
 class _Reader:
-    """Lazy tensor access across shards, with FP8 dequantization."""
+    """Lazy tensor access across shards, with FP8 dequantization; errors name the tensor and its file."""
 
     def __init__(self, files: dict[str, str]):
         self.files = files
@@ -70,15 +129,27 @@ class _Reader:
         if file not in self._open:
             if not os.path.isfile(file):
                 raise CheckpointError(f"tensor {name}: shard {file} is missing")
-            self._open[file] = safe_open(file, framework="pt")
+            self._open[file] = _open_safetensors(file)
         return self._open[file]
 
+    def open_all(self) -> None:
+        """Open every shard's header now (the first tensor of each file)."""
+        first = {file: name for name, file in self.files.items()}
+        for name in first.values():
+            self._shard(name)
+
     def get(self, name: str) -> torch.Tensor:
-        return self._shard(name).get_tensor(name)
+        try:
+            return self._shard(name).get_tensor(name)
+        except SafetensorError as e:
+            raise CheckpointError(f"tensor {name} in {self.files[name]}: {e}") from None
 
     def shape(self, name: str) -> list[int]:
         """The stored shape, without reading the data."""
-        return self._shard(name).get_slice(name).get_shape()
+        try:
+            return self._shard(name).get_slice(name).get_shape()
+        except SafetensorError as e:
+            raise CheckpointError(f"tensor {name} in {self.files[name]}: {e}") from None
 
     def get_dequantized(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         t = self.get(name)
@@ -101,7 +172,8 @@ def _hf_to_internal(name: str, cfg: ModelConfig) -> str:
 
 
 def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
-                    device: torch.device | str = "cpu", load_mtp: bool = True) -> Transformer:
+                    device: torch.device | str = "cpu", load_mtp: bool = True,
+                    allow_non_finite: bool = False) -> Transformer:
     """Load an HF-format DeepSeek-V2/V3 folder into a nanoseek Transformer.
 
     Args:
@@ -111,15 +183,18 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
         device: where the parameters live.
         load_mtp: load the MTP modules when the checkpoint has them. A checkpoint whose config declares
             MTP layers but stores none (e.g. one written by transformers) loads without MTP, with a warning.
+        allow_non_finite: load tensors holding NaN or Inf (by default CheckpointError names the first one).
+
+    Raises CheckpointError naming the file (and tensor) of a folder that does not load (module docstring);
+    ConfigError for a config.json field that breaks a ModelConfig rule.
     """
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise CheckpointError(f"{path} is not a folder")
-    with open(os.path.join(path, "config.json")) as f:
-        hf_cfg = json.load(f)
-    cfg = ModelConfig.from_hf(hf_cfg)
+    hf_cfg, cfg = _read_config(path)
+    config_dtype = _config_dtype(hf_cfg, path)
     if dtype is None:
-        dtype = getattr(torch, str(hf_cfg.get("torch_dtype") or hf_cfg.get("dtype") or "float32"), torch.float32)
+        dtype = config_dtype
     files = _weight_files(path)
     L, declared_mtp = cfg.num_hidden_layers, cfg.num_nextn_predict_layers
     if declared_mtp:
@@ -163,6 +238,8 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
             t_dtype = torch.float32 if internal.endswith("e_score_correction_bias") else dtype
             t = reader.get_dequantized(name, t_dtype)
             _check_shape(name, t.shape, want.shape)
+            if not allow_non_finite:
+                _check_finite(name, t, files[name])
             state[internal] = t.to(device)
         else:
             unexpected.append(name)
@@ -181,6 +258,8 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
                         raise CheckpointError(f"missing tensor {_internal_to_hf(prefix, cfg)}.{e}.{p}.weight")
                     piece = reader.get_dequantized(parts[p][e], dtype)
                     _check_shape(parts[p][e], piece.shape, (rows // len(fused), cols))
+                    if not allow_non_finite:
+                        _check_finite(parts[p][e], piece, files[parts[p][e]])
                     pieces.append(piece)
                 per_expert.append(torch.cat(pieces, 0))
             extra = set(parts[fused[0]]) - set(range(n_exp))
@@ -207,6 +286,14 @@ def _check_shape(name: str, got, want) -> None:
         raise CheckpointError(f"tensor {name} has shape {tuple(got)}, the config expects {tuple(want)}")
 
 
+def _check_finite(name: str, t: torch.Tensor, file: str) -> None:
+    if not torch.isfinite(t).all():
+        n_nan, n_inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+        dtype = str(t.dtype).removeprefix("torch.")
+        raise CheckpointError(f"tensor {name} in {file} holds {n_nan} NaN and {n_inf} Inf value(s) as {dtype}; "
+                              "load it anyway with allow_non_finite=True (CLI: --allow-non-finite)")
+
+
 # ---- saving ---------------------------------------------------------------------------------------
 
 def _internal_to_hf(name: str, cfg: ModelConfig) -> str:
@@ -217,12 +304,13 @@ def _internal_to_hf(name: str, cfg: ModelConfig) -> str:
 
 
 _FP8_MODULES = {"q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj",
-                "up_proj", "down_proj"}
+                "up_proj", "down_proj", "wq_b", "wk"}
 
 
 def _quantizable(hf_name: str) -> bool:
-    """Which weights the released checkpoints store in FP8: attention/MLP/expert projections, never norms,
-    embeddings, the head, the router or the MTP eh_proj (docs/design/checkpoints.md, "Tensor inventory")."""
+    """Which weights the released checkpoints store in FP8: attention/MLP/expert projections and the DSA indexer's
+    wq_b and wk, never norms (k_norm included), embeddings, the head, the router, the indexer's weights_proj or the
+    MTP eh_proj (docs/design/checkpoints.md, "Tensor inventory"; docs/design/dsa.md, "Checkpoints")."""
     parts = hf_name.split(".")
     return parts[-1] == "weight" and parts[-2] in _FP8_MODULES
 

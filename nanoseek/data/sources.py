@@ -8,6 +8,8 @@ Formats, chosen by suffix:
 Directories are searched recursively for those suffixes in sorted order, so the document order (and
 everything seeded downstream) does not depend on the file system. Whitespace-only documents are
 dropped; everything else is kept as is (blank_line blocks lose only the blank lines between them).
+Text is strict UTF-8 (nanoseek/files.py): a binary file or another encoding is an error naming the
+file (and the jsonl line), never replacement characters in the training data.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import os
 import re
 from pathlib import Path
 from typing import Any, Iterator, Sequence, Union
+
+from ..files import decode_utf8, read_text
 
 PathLike = Union[str, os.PathLike]
 TEXT_SUFFIXES, JSONL_SUFFIXES, PARQUET_SUFFIXES = (".txt", ".md"), (".jsonl",), (".parquet",)
@@ -30,8 +34,8 @@ def load_documents(paths: PathLike | Sequence[PathLike], text_field: str = "text
     """All documents in `paths` (files and/or directories), in a deterministic order.
 
     Raises FileNotFoundError for a missing path, ValueError for an unsupported suffix, a bad
-    `txt_split`, a jsonl line that is not an object with a string `text_field`, or a parquet file
-    without that column.
+    `txt_split`, a file that is not UTF-8 text, a jsonl line that is not an object with a string
+    `text_field`, or a parquet file without that column.
     """
     if txt_split not in TXT_SPLITS:
         raise ValueError(f"txt_split must be one of {TXT_SPLITS}, got {txt_split!r}")
@@ -41,7 +45,7 @@ def load_documents(paths: PathLike | Sequence[PathLike], text_field: str = "text
     for file in _files(paths):
         suffix = file.suffix.lower()
         if suffix in TEXT_SUFFIXES:
-            text = file.read_text(encoding="utf-8")
+            text = read_text(file)
             docs += [text] if txt_split == "file" else _BLANK_LINES.split(text)
         elif suffix in JSONL_SUFFIXES:
             docs += _read_jsonl(file, text_field)
@@ -66,9 +70,10 @@ def _files(paths: Sequence[PathLike]) -> list[Path]:
 
 def iter_jsonl(file: PathLike) -> Iterator[tuple[int, Any]]:
     """(line number, parsed value) for every non-blank line of a .jsonl file; ValueError names the
-    file and line of invalid JSON."""
-    with open(file, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    file and line of invalid JSON or of bytes that are not UTF-8."""
+    with open(file, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            line = decode_utf8(raw, f"{file}:{n}")
             if not line.strip():
                 continue
             try:
@@ -88,10 +93,14 @@ def _read_jsonl(file: Path, field: str) -> list[str]:
 
 def _read_parquet(file: Path, field: str) -> list[str]:
     try:
+        import pyarrow
         import pyarrow.parquet as pq
     except ImportError:
         raise ImportError(f"reading {file} needs pyarrow: pip install pyarrow") from None
-    schema = pq.read_schema(file)
-    if field not in schema.names:
-        raise ValueError(f"{file}: no column {field!r} (columns: {schema.names})")
-    return [t for t in pq.read_table(file, columns=[field]).column(field).to_pylist() if t is not None]
+    try:
+        schema = pq.read_schema(file)
+        if field not in schema.names:
+            raise ValueError(f"{file}: no column {field!r} (columns: {schema.names})")
+        return [t for t in pq.read_table(file, columns=[field]).column(field).to_pylist() if t is not None]
+    except pyarrow.ArrowException as e:  # its message never names the file
+        raise ValueError(f"{file}: not a readable parquet file ({e})") from None

@@ -34,7 +34,8 @@ import jinja2.sandbox
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as _Backend
 
-from ..files import atomic_write_text
+from ..checkpoint import CheckpointError
+from ..files import atomic_write_text, read_json, read_text
 from .r1_format import ANSWER, END_ANSWER, END_THINK, THINK
 
 BOS, EOS, PAD, USER, ASSISTANT = ("<|begin_of_sentence|>", "<|end_of_sentence|>", "<|pad|>", "<|User|>",
@@ -143,25 +144,42 @@ class Tokenizer:
     def load(cls, directory: str | os.PathLike) -> "Tokenizer":
         """Read a folder written by `save` (or any HF folder with a byte-level tokenizer.json and our tokens).
 
-        Raises FileNotFoundError when the folder or its tokenizer.json is missing.
+        Raises FileNotFoundError when the folder or its tokenizer.json is missing, CheckpointError naming the
+        file when one is unreadable: a tokenizer.json the `tokenizers` library rejects or that lacks our special
+        tokens, a tokenizer_config.json that is not a JSON object, a chat template with a syntax error. The
+        template is compiled here, not at its first use as transformers does, so a server or a training run
+        fails at start rather than on its first chat.
         """
         directory = os.fspath(directory)
         path = os.path.join(directory, TOKENIZER_FILE)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no {TOKENIZER_FILE} in {directory!r}: train one with "
                                     f"nanoseek.data.train_tokenizer(texts, vocab_size) and .save() it there")
+        text = read_text(path, error=CheckpointError)
+        try:
+            backend = _Backend.from_str(text)
+        except Exception as e:  # the Rust library raises a bare Exception naming only the JSON position
+            raise CheckpointError(f"{path}: not a readable tokenizer ({e})") from None
         config: dict = {}
         config_path = os.path.join(directory, CONFIG_FILE)
         if os.path.isfile(config_path):
-            with open(config_path, encoding="utf-8") as f:
-                config = json.load(f)
-        template = config.get("chat_template")
+            config = read_json(config_path, error=CheckpointError)
+        template, source = config.get("chat_template"), config_path
         jinja_path = os.path.join(directory, TEMPLATE_FILE)  # where newer transformers versions save it
         if not template and os.path.isfile(jinja_path):
-            with open(jinja_path, encoding="utf-8") as f:
-                template = f.read()
-        return cls(_Backend.from_file(path), chat_template=template or CHAT_TEMPLATE,
-                   model_max_length=int(config.get("model_max_length", DEFAULT_MAX_LENGTH)))
+            template, source = read_text(jinja_path, error=CheckpointError), jinja_path
+        if template is not None and not isinstance(template, str):
+            raise CheckpointError(f"{source}: chat_template must be a string (named template lists are not "
+                                  "supported)")
+        max_length = config.get("model_max_length", DEFAULT_MAX_LENGTH)
+        if not isinstance(max_length, (int, float)) or isinstance(max_length, bool) or max_length < 1:
+            raise CheckpointError(f"{config_path}: model_max_length must be a positive number (got {max_length!r})")
+        try:
+            return cls(backend, chat_template=template or CHAT_TEMPLATE, model_max_length=int(max_length))
+        except jinja2.TemplateSyntaxError as e:
+            raise CheckpointError(f"{source}: chat_template line {e.lineno}: {e.message}") from None
+        except ValueError as e:
+            raise CheckpointError(f"{path}: {e}") from None
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 8192, min_frequency: int = 2,

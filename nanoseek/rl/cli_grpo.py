@@ -42,8 +42,10 @@ def add_parsers(sub) -> None:
 
 def cmd_grpo(args) -> None:
     """Run GRPO and print where the model, metrics and plots went."""
+    from ..cli import require_folder
     from .grpo import GRPOConfig, GRPOTrainer
 
+    require_folder(args.out, "--out")
     cfg = GRPOConfig.load(args.config, tasks=args.tasks, data=args.data, template=args.template, steps=args.steps,
                           group_size=args.group_size, prompts_per_step=args.prompts_per_step,
                           max_new_tokens=args.max_new_tokens, beta=args.beta, loss_type=args.loss_type, lr=args.lr,

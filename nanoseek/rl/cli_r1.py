@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 
 def add_parsers(sub) -> None:
@@ -21,6 +22,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--max-per-problem", type=int, default=2, help="most samples kept per problem (default: 2)")
     p.add_argument("--max-repetition", type=float, default=0.5,
                    help="largest accepted share of repeated word 3-grams (default: 0.5)")
+    _allow_non_finite_flag(p)
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("eval", help="held-out pass@1 and maj@k of a checkpoint (R1 protocol)")
@@ -31,6 +33,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling (default: 0.95)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="budget per sample (default: 256)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    _allow_non_finite_flag(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("r1", help="the whole R1 recipe, stage by stage, with report.md/report.json (resumable)")
@@ -58,6 +61,11 @@ def _problem_flags(p, split_default: str, n_default: int) -> None:
     p.add_argument("--seed", type=int, default=0, help="problem selection and sampling seed (default: 0)")
 
 
+def _allow_non_finite_flag(p) -> None:
+    p.add_argument("--allow-non-finite", action="store_true",
+                   help="load weights holding NaN/Inf (default: refuse them, naming the tensor)")
+
+
 def _problems(args):
     from .data import load_problems, task_examples
     if args.data:
@@ -65,16 +73,30 @@ def _problems(args):
     return task_examples(args.tasks, args.split, args.n, args.difficulty, seed=args.seed)
 
 
-def cmd_sample(args) -> None:
+def _load_model(args):
+    """The --model checkpoint on this process's device (as sample_problems would load it) and its tokenizer."""
+    from ..checkpoint import from_pretrained
     from ..data.tokenizer import Tokenizer
+    from ..runtime import local_device
+
+    tokenizer = Tokenizer.load(args.model)
+    return from_pretrained(args.model, device=local_device(), allow_non_finite=args.allow_non_finite), tokenizer
+
+
+def cmd_sample(args) -> None:
+    from ..cli import require_flags
     from .data import write_rows
     from .sample import SampleConfig, rejection_sample
 
     cfg = SampleConfig(k=args.k, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
                        max_per_problem=args.max_per_problem, max_repetition=args.max_repetition,
                        template=args.template, seed=args.seed)
-    tokenizer = Tokenizer.load(args.model)
-    rows, stats = rejection_sample(args.model, tokenizer, _problems(args), cfg)
+    require_flags(args, n=1)
+    if os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out} is a folder; it must name the .jsonl file to write")
+    problems = _problems(args)
+    model, tokenizer = _load_model(args)
+    rows, stats = rejection_sample(model, tokenizer, problems, cfg)
     write_rows(args.out, rows)
     rejected = {k: v for k, v in stats.items() if k not in ("samples", "kept", "kept_per_task", "problems")}
     print(f"kept {stats['kept']} of {stats['samples']} samples from {stats['problems']} problems "
@@ -82,12 +104,15 @@ def cmd_sample(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from ..data.tokenizer import Tokenizer
+    from ..cli import require_flags
     from .evaluate import EvalConfig, evaluate
 
     cfg = EvalConfig(k=args.k, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                      template=args.template, seed=args.seed)
-    result = evaluate(args.model, Tokenizer.load(args.model), _problems(args), cfg)
+    require_flags(args, n=1)
+    problems = _problems(args)
+    model, tokenizer = _load_model(args)
+    result = evaluate(model, tokenizer, problems, cfg)
     if args.json:
         print(json.dumps(result["tasks"], indent=1))
         return

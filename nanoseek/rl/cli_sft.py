@@ -70,8 +70,10 @@ def _report(trainer, last: dict, out: str) -> None:
 
 def cmd_sft(args) -> None:
     """Fine-tune --init on --data into --out."""
+    from ..cli import require_folder
     from .sft import SFTConfig, SFTTrainer
 
+    require_folder(args.out, "--out")
     cfg = SFTConfig.load(args.config, **_overrides(args))
     trainer = SFTTrainer(cfg, args.init, args.out, resume=args.resume, progress=not args.no_progress)
     print(f"fine-tuning {args.init} ({trainer.model.num_parameters():,} parameters) on {len(trainer.examples):,} "
@@ -82,8 +84,10 @@ def cmd_sft(args) -> None:
 
 def cmd_distill(args) -> None:
     """Train a student on --data (the teacher's traces) into --out."""
+    from ..cli import require_folder
     from .distill import Distiller, DistillConfig
 
+    require_folder(args.out, "--out")
     cfg = DistillConfig.load(args.config, **_overrides(args), teacher=args.teacher, student_init=args.student_init,
                              student_preset=args.student_preset, kd_alpha=args.kd_alpha,
                              kd_temperature=args.kd_temperature)

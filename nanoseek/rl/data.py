@@ -12,6 +12,10 @@ Prompts have two templates (`TEMPLATES`):
 SFT rows (jsonl, one object per line) are either {"messages": [..., {"role": "assistant", ...}]}
 (the last message is the completion, the rest go through the chat template) or {"prompt": str,
 "completion": str} (raw text, the prompt after BOS). Extra keys (task, answer, ...) ride along.
+
+Rows are validated when read, so a bad row fails before any training with its file and row number:
+an SFT message role other than system/user/assistant (the roles the chat template renders), a problem
+row of a built-in task whose "meta" its checker cannot use.
 """
 
 from __future__ import annotations
@@ -24,8 +28,10 @@ from typing import Any, Mapping, Sequence, Union
 from ..data.r1_format import r1_messages, r1_prompt
 from ..data.sources import iter_jsonl
 from ..data.tasks import TASKS, Example, generate
+from ..data.tasks.registry import get_task
 
 TEMPLATES = ("chat", "r1_zero")
+ROLES = ("system", "user", "assistant")
 Problem = Union[Example, Mapping[str, Any]]
 
 
@@ -83,8 +89,15 @@ def read_rows(path: str | os.PathLike) -> list[dict]:
     if not file.is_file():
         raise FileNotFoundError(f"no such file: {file}")
     if file.suffix == ".parquet":
-        import pyarrow.parquet as pq
-        return pq.read_table(file).to_pylist()
+        try:
+            import pyarrow
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ImportError(f"reading {file} needs pyarrow: pip install pyarrow") from None
+        try:
+            return pq.read_table(file).to_pylist()
+        except pyarrow.ArrowException as e:  # its message never names the file
+            raise ValueError(f"{file}: not a readable parquet file ({e})") from None
     if file.suffix != ".jsonl":
         raise ValueError(f"{file}: expected a .jsonl or .parquet file")
     rows = []
@@ -116,7 +129,7 @@ def load_problems(path: str | os.PathLike, question_field: str = "question",
     problems = []
     for i, row in enumerate(read_rows(path), 1):
         if row.get("task") in TASKS and "meta" in row:
-            problems.append(Example.from_dict(row))
+            problems.append(_task_example(row, path, i))
             continue
         missing = [f for f in (question_field, answer_field) if not isinstance(row.get(f), (str, int, float))]
         if missing:
@@ -126,6 +139,25 @@ def load_problems(path: str | os.PathLike, question_field: str = "question",
     if not problems:
         raise ValueError(f"{path}: no problems")
     return problems
+
+
+def _task_example(row: Mapping, path, i: int) -> Example:
+    """A row written by Example.to_dict, checked by running its task's checker on its own answer (which reads
+    every "meta" key the checker needs), so a malformed row fails here, not in the middle of a GRPO step."""
+    fields = ("question", "answer", "solution", "difficulty")
+    missing = [f for f in fields if f not in row]
+    if missing or not isinstance(row["meta"], dict):
+        raise ValueError(f"{path}: row {i} (task {row['task']!r}) needs the fields {list(fields)} and a \"meta\" "
+                         f"object" + (f"; missing {missing}" if missing else f"; meta is {type(row['meta']).__name__}"))
+    try:
+        example = Example.from_dict({k: row[k] for k in ("task", "meta", *fields)})
+        spec = get_task(example.task)
+        spec.key(example)
+        spec.check(example, str(example.answer))
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+        raise ValueError(f"{path}: row {i} (task {row['task']!r}): its \"meta\" does not fit the task's checker "
+                         f"({type(e).__name__}: {e})") from None
+    return example
 
 
 def load_sft_rows(path: str | os.PathLike) -> list[dict]:
@@ -140,6 +172,10 @@ def load_sft_rows(path: str | os.PathLike) -> list[dict]:
             if not ok:
                 raise ValueError(f"{path}: row {i}: 'messages' must be a list of {{role, content}} ending with "
                                  "an assistant message")
+            roles = [m.get("role") for m in msgs]
+            bad = next((j for j, r in enumerate(roles) if r not in ROLES), None)
+            if bad is not None:
+                raise ValueError(f"{path}: row {i}: message {bad} has role {roles[bad]!r}; expected one of {ROLES}")
         elif not (isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str)):
             raise ValueError(f"{path}: row {i} needs 'messages' or 'prompt' and 'completion' strings")
     if not rows:

@@ -23,9 +23,10 @@ from typing import Sequence
 import torch
 
 from ..checkpoint import from_pretrained
+from ..config import Validator
 from ..infer import LLM, RequestOutput, SamplingParams
 from ..runtime import local_device
-from .data import Problem, prompt_ids, question_of, task_of
+from .data import TEMPLATES, Problem, prompt_ids, question_of, task_of
 from .rewards import final_answer, format_reward, is_correct
 
 
@@ -52,10 +53,17 @@ class EvalConfig:
     max_num_seqs: int = 64
 
     def __post_init__(self):
-        if self.k < 1:
-            raise ValueError(f"EvalConfig.k must be >= 1, got {self.k}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"EvalConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        validate_sampling(self)
+
+
+def validate_sampling(cfg) -> None:
+    """The checks EvalConfig and SampleConfig share; ConfigError "<Class>.<field> <rule> (got <value>)"."""
+    v = Validator(cfg)
+    v.ints("k", "max_new_tokens", "max_num_seqs")
+    v.ints("seed", minimum=0)
+    v.number("temperature", 0)
+    v.number("top_p", 0, 1, open_low=True)
+    v.one_of("template", TEMPLATES)
 
 
 def sample_problems(model, tokenizer, problems: Sequence[Problem], cfg) -> list[RequestOutput]:

@@ -18,9 +18,10 @@ import collections
 from dataclasses import dataclass
 from typing import Sequence
 
+from ..config import Validator
 from ..data.r1_format import format_ok
 from .data import Problem, question_of, task_of
-from .evaluate import sample_problems
+from .evaluate import sample_problems, validate_sampling
 from .rewards import final_answer, is_correct, repetition_penalty_reward
 
 
@@ -53,11 +54,10 @@ class SampleConfig:
     max_num_seqs: int = 64
 
     def __post_init__(self):
-        for name in ("k", "max_new_tokens", "max_per_problem"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"SampleConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if not 0.0 <= self.max_repetition <= 1.0:
-            raise ValueError(f"SampleConfig.max_repetition must be in [0, 1], got {self.max_repetition}")
+        validate_sampling(self)
+        v = Validator(self)
+        v.ints("max_per_problem")
+        v.number("max_repetition", 0, 1)
 
 
 def rejection_sample(model, tokenizer, problems: Sequence[Problem],

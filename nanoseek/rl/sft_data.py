@@ -30,6 +30,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Iterator, Mapping, Sequence
 
+import jinja2
 import numpy as np
 import torch
 
@@ -46,7 +47,10 @@ def encode_row(row: Mapping, tokenizer: Tokenizer, template: str = "chat") -> tu
     if msgs is not None:
         context, completion = msgs[:-1], msgs[-1]["content"]
         if template == "chat":
-            prompt = tokenizer.apply_chat_template(context, add_generation_prompt=True)
+            try:
+                prompt = tokenizer.apply_chat_template(context, add_generation_prompt=True)
+            except jinja2.TemplateError as e:  # e.g. the template's raise_exception on an unknown role
+                raise ValueError(f"the chat template refuses the messages: {e}") from None
         else:
             if len(context) != 1 or context[0].get("role") != "user":
                 raise ValueError(f"template {template!r} needs exactly one user message before the assistant's")

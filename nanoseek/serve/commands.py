@@ -43,6 +43,14 @@ def add_parsers(sub) -> None:
     p.add_argument("--served-model-name", default=None, help="model id clients use (default: the folder name)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn log level (default: info)")
+    # Request limits (nanoseek/serve/protocol.py ServerLimits); None = its default, named in the help.
+    p.add_argument("--max-body-bytes", type=int, default=None,
+                   help="largest request body; bigger ones get 413 before parsing (default: 33554432 = 32 MiB)")
+    p.add_argument("--max-stop-strings", type=int, default=None, help="most stop strings per request (default: 4)")
+    p.add_argument("--max-stop-length", type=int, default=None,
+                   help="longest stop string in characters (default: 240)")
+    p.add_argument("--max-stop-token-ids", type=int, default=None,
+                   help="most stop_token_ids per request (default: 128)")
     p.set_defaults(func=cmd_serve)
 
 
@@ -59,6 +67,8 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="parameter dtype (default: the checkpoint's)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--allow-non-finite", action="store_true",
+                   help="load weights holding NaN/Inf (default: refuse them, naming the tensor)")
 
 
 def _sampling_flags(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -67,6 +77,26 @@ def _sampling_flags(p: argparse.ArgumentParser, max_tokens: int) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0 = off)")
     p.add_argument("--top-k", type=int, default=-1, help="keep the k most likely tokens (default: -1 = off)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+
+
+def check_flags(args) -> None:
+    """The flags of generate, chat and serve, checked before the model loads (a typo costs no load time);
+    ValueError naming the flag."""
+    import torch
+
+    from ..cli import require_flags
+
+    require_flags(args, max_num_seqs=1, max_model_len=1, max_tokens=1)
+    port = getattr(args, "port", None)
+    if port is not None and not 0 <= port <= 65535:
+        raise ValueError(f"--port must be in 0..65535 (got {port})")
+    if args.device is not None:
+        try:
+            torch.device(args.device)
+        except RuntimeError:
+            raise ValueError(f"--device {args.device!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps)") from None
+    if hasattr(args, "temperature"):
+        _params(args, args.max_tokens)
 
 
 def load_llm(args, default_seqs: int):
@@ -78,10 +108,16 @@ def load_llm(args, default_seqs: int):
     from ..infer.llm import LLM
     from ..runtime import local_device
 
+    check_flags(args)
     tokenizer = Tokenizer.load(args.model)
-    device = local_device(args.device)
-    model = from_pretrained(args.model, dtype=getattr(torch, args.dtype) if args.dtype else None, device=device)
-    return LLM(model, tokenizer, max_num_seqs=args.max_num_seqs or default_seqs, max_model_len=args.max_model_len,
+    try:
+        device = local_device(args.device)
+    except ValueError as e:
+        raise ValueError(f"--device {args.device}: {e}") from None
+    model = from_pretrained(args.model, dtype=getattr(torch, args.dtype) if args.dtype else None, device=device,
+                            allow_non_finite=args.allow_non_finite)
+    seqs = default_seqs if args.max_num_seqs is None else args.max_num_seqs
+    return LLM(model, tokenizer, max_num_seqs=seqs, max_model_len=args.max_model_len,
                speculative=args.speculative or False, compile=args.compile)
 
 
@@ -118,7 +154,8 @@ def cmd_generate(args) -> None:
     engine = llm.llm_engine
     max_tokens = min(args.max_tokens, engine.max_model_len - len(ids))
     if max_tokens < 1:
-        raise ValueError(f"the prompt ({len(ids)} tokens) leaves no room in max_model_len={engine.max_model_len}")
+        raise ValueError(f"the prompt ({len(ids)} tokens) leaves no room in max_model_len={engine.max_model_len} "
+                         "(--max-model-len)")
     t0, out = time.perf_counter(), None
     for out in stream_request(engine, "generate", ids, _params(args, max_tokens)):
         sys.stdout.write(out.delta_text)
@@ -214,5 +251,7 @@ def cmd_serve(args) -> None:
           f"({engine.max_num_seqs} sequences, max_model_len {engine.max_model_len}"
           f"{', MTP speculative' if engine.speculative else ''}{', API key required' if args.api_key else ''}); "
           f"{engine.cache_info}", file=sys.stderr)
-    uvicorn.run(create_app(llm, name, api_key=args.api_key), host=args.host, port=args.port,
+    limits = {k: getattr(args, k) for k in ("max_body_bytes", "max_stop_strings", "max_stop_length",
+                                            "max_stop_token_ids") if getattr(args, k) is not None}
+    uvicorn.run(create_app(llm, name, api_key=args.api_key, **limits), host=args.host, port=args.port,
                 log_level=args.log_level, timeout_graceful_shutdown=5)

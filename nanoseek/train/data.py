@@ -3,6 +3,9 @@
 
 Packed rows use plain causal attention over the row with positions 0..T-1 (documents separated by
 BOS/EOS), the usual pretraining practice; see nanoseek/data/dataset.py for the document fields.
+
+The trainer validates at its last step (and every val_every steps), so an empty validation split is an
+error here, naming TrainConfig.val_fraction, rather than a "val 0.0000" in the log.
 """
 
 from __future__ import annotations
@@ -40,6 +43,11 @@ def prepare_data(cfg: TrainConfig, tokenizer_dir: str | None = None) -> TrainDat
     else:
         tokenizer = train_tokenizer(docs, vocab_size=cfg.vocab_size)
     train, val = build_datasets(docs, tokenizer, cfg.seq_len, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    if len(val) == 0:
+        why = (" is 0" if cfg.val_fraction == 0 else
+               f"={cfg.val_fraction} holds out none of the {len(docs)} document(s) (a split needs 2 or more)")
+        raise ValueError(f"TrainConfig.val_fraction{why}: the validation split is empty, but the run validates "
+                         "at its end; set val_fraction > 0 and give at least 2 documents")
     rows_needed = cfg.batch_size
     if len(train) < rows_needed:
         raise ValueError(f"the training data packs into {len(train)} rows of {cfg.seq_len + 1} tokens, fewer "
