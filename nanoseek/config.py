@@ -1,4 +1,4 @@
-"""ModelConfig: the architecture hyper-parameters of a DeepSeek-V2/V3-style model.
+"""ModelConfig: the architecture hyper-parameters of a DeepSeek-V2/V3/V3.2-style model.
 
 Field names follow the HF `config.json` keys (docs/design/checkpoints.md), so `from_hf` and `to_hf`
 are mostly renames-free. Every field is validated in `__post_init__`; an invalid value raises
@@ -109,6 +109,8 @@ def load_config(cls, path: str | os.PathLike | None = None, overrides: dict | No
 
 
 _SCORING = ("sigmoid", "softmax")
+_V3_TYPES = ("deepseek_v3", "deepseek_v32")
+_MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "deepseek_v32")
 _TOPK = ("noaux_tc", "greedy", "group_limited_greedy")
 
 
@@ -148,7 +150,15 @@ class ModelConfig:
         initializer_range: std of the normal init of linear and embedding weights.
         tie_word_embeddings: share the embedding with the output head (False in all DeepSeek models).
         bos_token_id, eos_token_id, pad_token_id: special token ids written to config.json.
-        model_type: "deepseek_v3" or "deepseek_v2"; decides the HF class on export.
+        index_n_heads: heads of the DeepSeek Sparse Attention lightning indexer (V3.2: 64; docs/design/dsa.md).
+        index_head_dim: width of an indexer query head and of its one shared key per token, RoPE part first
+            (V3.2: 128); at least qk_rope_head_dim.
+        index_topk: past tokens each query attends to, chosen per query and layer by the indexer (V3.2: 2048).
+            None or 0: no indexer, dense attention (V2/V3); then index_n_heads and index_head_dim are unset.
+            The indexer reads the query latent, so it needs q_lora_rank.
+        model_type: "deepseek_v3", "deepseek_v2" or "deepseek_v32"; decides the HF class on export. It follows the
+            indexer: a deepseek_v3 config with index_topk becomes deepseek_v32, a deepseek_v32 one without it
+            deepseek_v3.
     """
 
     vocab_size: int = 512
@@ -184,6 +194,9 @@ class ModelConfig:
     bos_token_id: int | None = 0
     eos_token_id: int | None = 1
     pad_token_id: int | None = None
+    index_n_heads: int | None = None
+    index_head_dim: int | None = None
+    index_topk: int | None = None
     model_type: str = "deepseek_v3"
 
     def __post_init__(self):
@@ -193,6 +206,10 @@ class ModelConfig:
             self.first_k_dense_replace = 0
         if self.rope_scaling is not None:
             self.rope_scaling = _normalize_rope_scaling(self.rope_scaling, self.max_position_embeddings)
+        if not self.index_topk:  # 0 or None: no indexer, so no indexer shape either
+            self.index_topk = self.index_n_heads = self.index_head_dim = None
+        if self.model_type in _V3_TYPES:
+            self.model_type = "deepseek_v32" if self.index_topk is not None else "deepseek_v3"
         self.validate()
 
     # ---- derived values -------------------------------------------------------------------------
@@ -214,6 +231,15 @@ class ModelConfig:
             scale *= m * m
         return scale
 
+    @property
+    def has_indexer(self) -> bool:
+        """DeepSeek Sparse Attention: a lightning indexer picks index_topk past tokens per query (V3.2)."""
+        return self.index_topk is not None
+
+    def index_cache_bytes_per_token(self, bytes_per_element: int = 2) -> int:
+        """The indexer's cached key per layer (index_head_dim values), next to the MLA latent; 0 without DSA."""
+        return (self.index_head_dim or 0) * self.num_hidden_layers * bytes_per_element
+
     def kv_cache_bytes_per_token(self, bytes_per_element: int = 2) -> int:
         """Absorbed-MLA cache: the normalized latent and the rotated RoPE key per layer (V2 report Table 1)."""
         return (self.kv_lora_rank + self.qk_rope_head_dim) * self.num_hidden_layers * bytes_per_element
@@ -233,8 +259,15 @@ class ModelConfig:
         _require(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", "must be even (RoPE rotates pairs)")
         _require(self.rms_norm_eps > 0, "rms_norm_eps", "must be > 0")
         _require(self.num_nextn_predict_layers >= 0, "num_nextn_predict_layers", "must be >= 0")
-        _require(self.model_type in ("deepseek_v3", "deepseek_v2"), "model_type",
-                 "must be 'deepseek_v3' or 'deepseek_v2'")
+        _require(self.model_type in _MODEL_TYPES, "model_type", f"must be one of {_MODEL_TYPES}")
+        if self.has_indexer:
+            for name in ("index_topk", "index_n_heads", "index_head_dim"):
+                _require(is_int(getattr(self, name)) and getattr(self, name) > 0, name,
+                         "must be a positive int when index_topk is set (DSA)")
+            _require(self.index_head_dim >= self.qk_rope_head_dim, "index_head_dim",
+                     f"must be >= qk_rope_head_dim ({self.qk_rope_head_dim}): its RoPE part is that wide")
+            _require(self.q_lora_rank is not None, "q_lora_rank", "must be set with an indexer (it reads the query latent)")
+            _require(self.model_type == "deepseek_v32", "model_type", "must be deepseek_v32 with an indexer (index_topk)")
         _require(0 <= self.first_k_dense_replace, "first_k_dense_replace", "must be >= 0")
         if self.first_k_dense_replace > 0 or self.n_routed_experts == 0:
             _require(self.intermediate_size > 0, "intermediate_size", "must be > 0 when dense layers exist")
@@ -280,10 +313,10 @@ class ModelConfig:
                 source = json.load(f)
         hf = dict(source)
         model_type = hf.get("model_type", "deepseek_v3")
-        if model_type not in ("deepseek_v3", "deepseek_v2"):
-            raise ConfigError(f"model_type: {model_type!r} is not supported (deepseek_v3 or deepseek_v2)")
+        if model_type not in _MODEL_TYPES:
+            raise ConfigError(f"model_type: {model_type!r} is not supported (one of {', '.join(_MODEL_TYPES)})")
         # Keys a config omits take the defaults of the real model of that type, not of the tiny preset.
-        base = PRESETS["v3-671b" if model_type == "deepseek_v3" else "v2-lite"]
+        base = PRESETS[{"deepseek_v3": "v3-671b", "deepseek_v2": "v2-lite", "deepseek_v32": "v3.2-671b"}[model_type]]
         kwargs: dict[str, Any] = {**base, "model_type": model_type}
         known = {f.name for f in dataclasses.fields(cls)}
         for key in known - {"model_type", "rope_scaling"}:
@@ -309,9 +342,10 @@ class ModelConfig:
     def to_hf(self) -> dict:
         """The HF `config.json` dict (loads in transformers with no remote code)."""
         d = dataclasses.asdict(self)
-        v3 = self.model_type == "deepseek_v3"
+        v3 = self.model_type in _V3_TYPES
         d.update(
-            architectures=["DeepseekV3ForCausalLM" if v3 else "DeepseekV2ForCausalLM"],
+            architectures=[{"deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM",
+                            "deepseek_v32": "DeepseekV32ForCausalLM"}[self.model_type]],
             num_key_value_heads=self.num_attention_heads,
             hidden_act="silu", attention_bias=False, attention_dropout=0.0, moe_layer_freq=1,
             rope_interleave=True, torch_dtype="float32", use_cache=True,
@@ -320,6 +354,9 @@ class ModelConfig:
             d["first_k_dense_replace"] = self.num_hidden_layers + self.num_nextn_predict_layers
         if not v3:
             d.pop("num_nextn_predict_layers")
+        if not self.has_indexer:
+            for key in ("index_n_heads", "index_head_dim", "index_topk"):
+                d.pop(key)
         rope = {"rope_type": "default", "rope_theta": self.rope_theta}
         if self.rope_scaling is not None:
             rope = {**self.rope_scaling, "rope_type": "yarn", "type": "yarn", "rope_theta": self.rope_theta}
@@ -387,3 +424,6 @@ PRESETS: dict[str, dict] = {
                     routed_scaling_factor=2.5, first_k_dense_replace=3, num_nextn_predict_layers=1,
                     max_position_embeddings=163840, rope_scaling=dict(_V3_YARN), initializer_range=0.006),
 }
+# DeepSeek-V3.2-Exp: V3 plus the DSA lightning indexer (docs/design/dsa.md, "Configuration").
+PRESETS["v3.2-671b"] = dict(PRESETS["v3-671b"], index_n_heads=64, index_head_dim=128, index_topk=2048,
+                            model_type="deepseek_v32")

@@ -7,8 +7,8 @@ samples their first token. It returns a RequestOutput for every request that mad
 the tokens and text that are new since the last step in `delta_token_ids` / `delta_text`.
 
 Memory: one LatentCache of max_num_seqs slots x max_model_len tokens, allocated up front:
-bytes = slots x max_len x (num_hidden_layers [+ MTP layers]) x (kv_lora_rank + qk_rope_head_dim)
-x element size. It must fit `cache_memory_bytes`, checked before allocating.
+bytes = slots x max_len x (num_hidden_layers [+ MTP layers]) x (kv_lora_rank + qk_rope_head_dim
+[+ index_head_dim with DSA]) x element size. It must fit `cache_memory_bytes`, checked before allocating.
 
 Threads: the engine holds no thread of its own. Its public methods take one internal lock, so a
 server may call add_request/abort_request from another thread while a background thread loops on
@@ -96,7 +96,8 @@ class LLMEngine:
         param = next(model.parameters())
         dtype = cache_dtype or param.dtype
         layers = cfg.num_hidden_layers + (cfg.num_nextn_predict_layers if self.speculative else 0)
-        self.cache_bytes_per_token = layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * dtype.itemsize
+        index = cfg.index_head_dim or 0   # DSA: the indexer's key per layer, cached next to the latent
+        self.cache_bytes_per_token = layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim + index) * dtype.itemsize
         if max_model_len is None:   # the model's context, shortened to what the budget holds
             max_model_len = cfg.max_position_embeddings
             if cache_memory_bytes is not None:
@@ -109,7 +110,9 @@ class LLMEngine:
         self.cache_bytes = max_num_seqs * self.max_model_len * self.cache_bytes_per_token
         self.cache_info = (f"latent cache: {max_num_seqs} slots x {self.max_model_len} tokens x "
                            f"{self.cache_bytes_per_token} B/token ({layers} layers x (kv_lora_rank {cfg.kv_lora_rank} "
-                           f"+ qk_rope_head_dim {cfg.qk_rope_head_dim}) x {dtype.itemsize} B {str(dtype)[6:]}) "
+                           f"+ qk_rope_head_dim {cfg.qk_rope_head_dim}"
+                           + (f" + index_head_dim {index}" if index else "")
+                           + f") x {dtype.itemsize} B {str(dtype)[6:]}) "
                            f"= {self.cache_bytes / 2**20:.1f} MiB")
         if cache_memory_bytes is not None and self.cache_bytes > cache_memory_bytes:
             raise ValueError(f"{self.cache_info} exceeds cache_memory_bytes={cache_memory_bytes}: lower max_num_seqs "

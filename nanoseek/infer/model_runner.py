@@ -1,4 +1,5 @@
-"""The model side of the engine: one preallocated LatentCache and the batched forwards on it.
+"""The model side of the engine: one preallocated LatentCache (with DSA, the indexer keys too) and the batched
+forwards on it.
 
 - prefill: right-padded prompts from position 0 through the naive MLA path (cheap in FLOPs). The junk
   latents written past a short prompt are overwritten before any query can see them.
@@ -81,4 +82,4 @@ class ModelRunner:
     @torch.inference_mode()
     def copy_slot(self, src: int, dst: int, length: int) -> None:
         """Share a prefilled prompt: copy the first `length` cached tokens of row src into row dst (all layers)."""
-        self.cache.latent[:, dst, :length] = self.cache.latent[:, src, :length]
+        self.cache.copy_slot(src, dst, length)

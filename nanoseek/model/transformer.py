@@ -14,6 +14,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .cache import LatentCache
+from .indexer import IndexerRecorder
 from .mla import MLA, attention_bias
 from .moe import MLP, MoE
 from .norm import RMSNorm
@@ -28,8 +29,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, positions, cache=None, slots=None, absorb=False, bias=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache, slots, absorb, bias)
+    def forward(self, x, cos, sin, positions, cache=None, slots=None, absorb=False, bias=None, recorder=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache, slots, absorb, bias, recorder)
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def forward_with_prefix(self, x_p, rope_p, x_c, rope_c, group, mask):
@@ -64,9 +65,9 @@ class MTP(Block):
         self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
         self.shared_head = SharedHead(cfg)
 
-    def forward(self, h, emb, cos, sin, positions, cache=None, slots=None, absorb=False, bias=None):
+    def forward(self, h, emb, cos, sin, positions, cache=None, slots=None, absorb=False, bias=None, recorder=None):
         x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))
-        return super().forward(x, cos, sin, positions, cache, slots, absorb, bias)
+        return super().forward(x, cos, sin, positions, cache, slots, absorb, bias, recorder)
 
 
 class DecoderStack(nn.Module):
@@ -100,7 +101,8 @@ class Transformer(nn.Module):
 
     def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                       cache: LatentCache | None = None, slots: torch.Tensor | None = None,
-                      absorb: bool | None = None, compiled: bool = False) -> torch.Tensor:
+                      absorb: bool | None = None, compiled: bool = False,
+                      recorder: IndexerRecorder | None = None) -> torch.Tensor:
         """Final-normed hidden states (B, T, D).
 
         Args:
@@ -114,6 +116,8 @@ class Transformer(nn.Module):
                 absorbed forward without autograd (decode, speculative verification). The first call
                 compiles (seconds to a minute); later ones fuse the step's small ops into a few kernels
                 (benchmarks/bench_decode.py). Other forwards ignore it.
+            recorder: with DSA (cfg.index_topk), collects each layer's indexer scores and attention target
+                for the indexer's KL loss (model/indexer.py); a training forward's argument, naive path only.
         """
         self._check_ids(input_ids)
         positions, slots, absorb, bias = self._prepare(input_ids, positions, cache, slots, absorb)
@@ -126,15 +130,15 @@ class Transformer(nn.Module):
             # without duck sizing, a batch as large as the cache's slot count does not specialize a graph
             with torch.fx.experimental._config.patch(use_duck_shape=False):
                 return _compiled_layers()(self, input_ids, positions, cache, slots, absorb, bias)
-        return self.layers_forward(input_ids, positions, cache, slots, absorb, bias)
+        return self.layers_forward(input_ids, positions, cache, slots, absorb, bias, recorder)
 
-    def layers_forward(self, input_ids, positions, cache, slots, absorb, bias) -> torch.Tensor:
+    def layers_forward(self, input_ids, positions, cache, slots, absorb, bias, recorder=None) -> torch.Tensor:
         """Embedding, blocks and final norm on prepared arguments (`_prepare`): no checks, no host syncs,
         so that torch.compile sees the whole forward as one graph."""
         cos, sin = self.rotary(positions)
         x = self.model.embed_tokens(input_ids)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, positions, cache, slots, absorb, bias)
+            x = layer(x, cos, sin, positions, cache, slots, absorb, bias, recorder)
         return self.model.norm(x)
 
     def prefix_shared_hidden_states(self, prefix_ids: torch.Tensor, prefix_lens: torch.Tensor,
@@ -165,22 +169,26 @@ class Transformer(nn.Module):
             x_p, x_c = layer.forward_with_prefix(x_p, rope_p, x_c, rope_c, group, mask)
         return self.model.norm(x_p), self.model.norm(x_c)
 
-    def mtp_hidden_states(self, h_BTD: torch.Tensor, input_ids: torch.Tensor) -> list[torch.Tensor]:
+    def mtp_hidden_states(self, h_BTD: torch.Tensor, input_ids: torch.Tensor | None = None,
+                          recorder: IndexerRecorder | None = None,
+                          emb: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Training-time MTP: for depth k, hidden states at positions 0..T-1-k that predict token i+k+1.
 
         h_BTD are the main model's final-normed hidden states for `input_ids`; returns one tensor
-        (B, T-k, D) per depth, already passed through the module's shared_head norm.
+        (B, T-k, D) per depth, already passed through the module's shared_head norm. `recorder`: as in
+        `hidden_states`, for the MTP blocks' indexers. `emb`: the token embeddings instead of `input_ids`
+        (a pipeline's last stage, which holds no embedding, receives them).
         """
-        B, T = input_ids.shape
-        positions = torch.arange(T, device=input_ids.device).expand(B, T)
+        B, T = h_BTD.shape[:2]
+        positions = torch.arange(T, device=h_BTD.device).expand(B, T)
         cos, sin = self.rotary(positions)
-        emb = self.model.embed_tokens(input_ids)
+        emb = self.model.embed_tokens(input_ids) if emb is None else emb
         outs, h = [], h_BTD
         for k, module in enumerate(self.mtp, start=1):
             n = T - k
             if n <= 0:
                 break
-            h = module(h[:, :n], emb[:, k:k + n], cos[:, :n], sin[:, :n], positions[:, :n])
+            h = module(h[:, :n], emb[:, k:k + n], cos[:, :n], sin[:, :n], positions[:, :n], recorder=recorder)
             outs.append(module.shared_head.norm(h))
         return outs
 
@@ -245,7 +253,8 @@ class Transformer(nn.Module):
             for name, moe in self.moe_layers():
                 if name.startswith("mtp."):
                     continue
-                per_expert = moe.experts.gate_up_proj[0].numel() + moe.experts.down_proj[0].numel()
+                # from the shapes: indexing a sharded (DTensor) weight would gather it
+                per_expert = moe.experts.gate_up_proj.shape[1:].numel() + moe.experts.down_proj.shape[1:].numel()
                 total -= (cfg.n_routed_experts - cfg.num_experts_per_tok) * per_expert
         return total
 
@@ -268,6 +277,8 @@ class Transformer(nn.Module):
                 nn.init.normal_(module.weight, std=std)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
+            elif isinstance(module, nn.LayerNorm):  # the DSA indexer's key norm: ones and zeros, no draws
+                module.reset_parameters()
             elif isinstance(module, MoE):
                 nn.init.normal_(module.gate.weight, std=std)
                 nn.init.normal_(module.experts.gate_up_proj, std=std)
