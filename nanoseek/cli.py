@@ -2,11 +2,17 @@
 
 Pretraining (`train`, `tokenizer`), the R1 post-training stages (`sft`, `grpo`, `sample`, `distill`, `eval`, `r1`),
 inference (`generate`, `chat`, `serve`) and `info`, `demo`.
+
+Errors. argparse answers what it can see (an unknown flag, a value of the wrong type or outside `choices`);
+every other user error (a flag's range, a bad file, a checkpoint that does not load, an invalid config field)
+is a one-line "nanoseek CMD: error: ..." on stderr naming the flag, field, file or tensor, and exit code 2.
+Checks of flag ranges run before anything slow (loading a model, reading data).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -15,12 +21,29 @@ import torch
 
 from .checkpoint import CheckpointError, from_pretrained, save_pretrained
 from .config import ConfigError, ModelConfig, PRESETS
+from .dist.mesh import PP_SCHEDULES
+from .runtime import is_main_process
 from .model import build_model
+
+
+def require_flags(args, **minimums: int) -> None:
+    """ValueError naming the first flag below its minimum: require_flags(args, batch=1) with --batch 0 raises
+    "--batch must be >= 1 (got 0)". Flags left unset (None) or absent from `args` pass."""
+    for dest, minimum in minimums.items():
+        value = getattr(args, dest, None)
+        if value is not None and value < minimum:
+            raise ValueError(f"--{dest.replace('_', '-')} must be >= {minimum} (got {value})")
+
+
+def require_folder(path: str | None, flag: str) -> None:
+    """ValueError when `path` names an existing file where a folder (new or existing) is wanted."""
+    if path is not None and os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{flag} {path} is an existing file; it must be a folder (new, or one written before)")
 
 
 def _load(args) -> tuple[ModelConfig, torch.nn.Module | None]:
     if args.model:
-        model = from_pretrained(args.model)
+        model = from_pretrained(args.model, allow_non_finite=args.allow_non_finite)
         return model.cfg, model
     return ModelConfig.preset(args.preset), None
 
@@ -40,14 +63,24 @@ def cmd_info(args) -> None:
     print(f"KV cache per token (bf16): MLA latent {mla:,} B = (kv_lora_rank {cfg.kv_lora_rank} + "
           f"qk_rope_head_dim {cfg.qk_rope_head_dim}) x {cfg.num_hidden_layers} layers x 2 B; "
           f"an MHA cache would take {mha:,} B ({mha / mla:.1f}x)")
+    if cfg.has_indexer:
+        index = cfg.index_cache_bytes_per_token(2)
+        print(f"DSA: lightning indexer {cfg.index_n_heads} heads x {cfg.index_head_dim}, top-{cfg.index_topk} tokens "
+              f"per query; its keys add {index:,} B per token (index_head_dim {cfg.index_head_dim} x "
+              f"{cfg.num_hidden_layers} layers x 2 B): cache {mla + index:,} B per token")
 
 
 def cmd_demo(args) -> None:
     """Build a model, run a forward and greedy decoding with the latent cache, save and reload it."""
     from .infer import greedy_generate
 
-    torch.manual_seed(args.seed)
+    require_flags(args, batch=1, prompt_len=1, max_new_tokens=1)
+    require_folder(args.out, "--out")
     cfg = ModelConfig.preset(args.preset)
+    if args.prompt_len + args.max_new_tokens > cfg.max_position_embeddings:
+        raise ValueError(f"--prompt-len {args.prompt_len} + --max-new-tokens {args.max_new_tokens} exceed the "
+                         f"{args.preset!r} preset's max_position_embeddings {cfg.max_position_embeddings}")
+    torch.manual_seed(args.seed)
     model = build_model(cfg, seed=args.seed).eval()
     print(f"[1/4] built preset {args.preset!r}: {model.num_parameters():,} parameters "
           f"({model.num_parameters(activated=True):,} activated per token)")
@@ -78,16 +111,20 @@ def cmd_train(args) -> None:
     """Pretrain a model (MTP, aux-loss-free balancing) into --out; --resume continues the newest checkpoint."""
     from .train import TrainConfig, Trainer
 
+    require_folder(args.out, "--out")
     cfg = TrainConfig.load(args.config, preset=args.preset, max_steps=args.max_steps, save_every=args.save_every,
                            seed=args.seed, data=args.data or None, tokenizer=args.tokenizer,
-                           precision=args.precision, balance=args.balance)
+                           precision=args.precision, balance=args.balance, dp_shard=args.dp_shard,
+                           dp_replicate=args.dp_replicate, ep=args.ep, pp=args.pp, pp_schedule=args.pp_schedule,
+                           microbatches=args.microbatches, init_from=args.init_from, dsa_stage=args.dsa_stage)
     trainer = Trainer(cfg, args.out, resume=args.resume, progress=not args.no_progress)
-    print(f"training {cfg.preset!r} ({trainer.model.num_parameters():,} parameters) for {cfg.max_steps} steps "
+    say = print if is_main_process() else (lambda *a, **k: None)  # under torchrun: rank 0 speaks
+    say(f"training {cfg.preset!r} ({trainer.model.num_parameters():,} parameters) for {cfg.max_steps} steps "
           f"of {cfg.grad_accum * cfg.batch_size * cfg.seq_len:,} tokens into {args.out}"
           + (f", resuming at step {trainer.run.step}" if trainer.run.step else ""))
     last = trainer.fit()
     if last:
-        print(f"done: step {last['step']}, loss {last['loss']:.4f}"
+        say(f"done: step {last['step']}, loss {last['loss']:.4f}"
               + (f", val {last['val_loss']:.4f}" if "val_loss" in last else "")
               + f"; checkpoints in {trainer.run.ckpt_dir}, metrics and plots in {args.out}")
 
@@ -130,8 +167,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default=None, choices=["float32", "bf16"], help="default: float32")
     p.add_argument("--balance", default=None, choices=["aux_free", "aux_loss", "none"],
                    help="expert balancing (default: aux_free)")
+    p.add_argument("--init-from", default=None,
+                   help="continue training this model folder (e.g. a YaRN context extension, DSA stages)")
+    p.add_argument("--dsa-stage", default=None, choices=["none", "dense_warmup", "sparse"],
+                   help="DeepSeek Sparse Attention training stage (docs/dsa.md; default: none)")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+    g = p.add_argument_group("parallelism, under torchrun (docs/distributed.md)")
+    g.add_argument("--dp-shard", type=int, default=None, help="FSDP2 sharding degree (default: the ranks left)")
+    g.add_argument("--dp-replicate", type=int, default=None, help="replicated data parallelism over FSDP groups")
+    g.add_argument("--ep", type=int, default=None, help="expert parallelism, ranks taken from --dp-shard")
+    g.add_argument("--pp", type=int, default=None, help="pipeline-parallel ranks")
+    g.add_argument("--pp-schedule", default=None, choices=list(PP_SCHEDULES), help="pipeline schedule (default: 1F1B)")
+    g.add_argument("--microbatches", type=int, default=None,
+                   help="pipeline micro-batches per step (default: the fewest the schedule accepts)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer (tokenizer.json + tokenizer_config.json)")
@@ -146,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="parameter counts and KV-cache size of a preset or checkpoint")
     p.add_argument("--preset", default="small", choices=sorted(PRESETS), help="model preset (default: small)")
     p.add_argument("--model", default=None, help="an HF-format checkpoint folder (overrides --preset)")
+    p.add_argument("--allow-non-finite", action="store_true",
+                   help="load weights holding NaN/Inf (default: refuse them, naming the tensor)")
     p.set_defaults(func=cmd_info)
 
     # generate, chat, serve: nanoseek/serve/commands.py (FastAPI/uvicorn imported only by serve)
@@ -162,8 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, CheckpointError, ValueError, FileNotFoundError) as e:
-        print(f"nanoseek {args.command}: error: {e}", file=sys.stderr)
+    except (ConfigError, CheckpointError, ValueError, OSError) as e:  # OSError: a missing or unreadable file
+        message = " ".join(str(e).split("\n"))  # one line, also for messages that quote several
+        print(f"nanoseek {args.command}: error: {message}", file=sys.stderr)
         return 2
     except RuntimeError as e:
         if type(e).__name__ != "TrainingAborted":

@@ -143,7 +143,7 @@ def _bias_worker(rank: int, port: int, result: dict):
         # each replica saw different tokens: rank 0 overloads expert 0, rank 1 expert 1
         local = torch.tensor([[9, 1, 5, 5, 5, 5, 5, 5], [1, 9, 5, 5, 5, 5, 5, 5]])[rank]
         moe.tokens_per_expert.copy_(local)
-        load = ExpertLoad(model, gamma_at=lambda: 0.01)
+        load = ExpertLoad(model.moe_layers(), gamma_at=lambda: 0.01)
         load.step()
         result[rank] = (moe.gate.e_score_correction_bias.clone(), load.counts["model.layers.1.mlp"].clone())
     finally:
@@ -164,7 +164,7 @@ def test_bias_update_uses_counts_all_reduced_over_replicas():
     model = nanoseek.build_model(nanoseek.ModelConfig.preset("tiny", num_nextn_predict_layers=0), seed=0)
     (_, moe), = model.moe_layers()
     moe.tokens_per_expert.copy_(torch.tensor([9, 1, 5, 5, 5, 5, 5, 5]))
-    ExpertLoad(model, gamma_at=lambda: 0.01).step()
+    ExpertLoad(model.moe_layers(), gamma_at=lambda: 0.01).step()
     assert moe.gate.e_score_correction_bias[0] < 0 < moe.gate.e_score_correction_bias[1]
 
 

@@ -97,7 +97,7 @@ def test_nan_loss_skips_then_aborts(tmp_path, monkeypatch):
 def test_bias_update_moves_against_load():
     model = nanoseek.build_model(nanoseek.ModelConfig.preset("tiny"), seed=0)
     (name, moe), = [m for m in model.moe_layers() if not m[0].startswith("mtp")]
-    load = ExpertLoad(model, gamma_at=lambda: 0.001)
+    load = ExpertLoad(model.moe_layers(), gamma_at=lambda: 0.001)
     moe.tokens_per_expert.copy_(torch.tensor([10, 0, 5, 5, 5, 5, 5, 5]))     # expert 0 over-, 1 under-loaded
     load.step()
     bias = moe.gate.e_score_correction_bias
@@ -190,7 +190,7 @@ def test_dense_model_trains_and_plots(tmp_path):
 
 def test_routing_is_recorded_and_counted_in_training_forwards_only():
     model = nanoseek.build_model(nanoseek.ModelConfig.preset("tiny"), seed=0)
-    recorder, load = RoutingRecorder(model), ExpertLoad(model)
+    recorder, load = RoutingRecorder(model), ExpertLoad(model.moe_layers())
     ids = torch.randint(0, model.cfg.vocab_size, (2, 8))
     with torch.no_grad():
         model.eval()(ids)                        # inference: nothing recorded, nothing counted

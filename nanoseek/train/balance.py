@@ -88,6 +88,9 @@ def batch_aux_loss(routing: list[Routing], alpha: float) -> torch.Tensor:
 class ExpertLoad:
     """The per-expert token counts of each optimizer step and the aux-loss-free bias update.
 
+    `layers`: (name, MoE) pairs of this rank (`model.moe_layers()`); `group`: the data-parallel process group
+    (None: all ranks), the ranks that hold the same layers.
+
     Registered as a post-step hook of the optimizer: after every step it all-reduces the MoE layers' counters
     (one collective for all layers, only when a process group is initialised), keeps them for the metrics
     (`max_vio`, `loads`), moves the routing biases by gamma_at(step) (0: no update) and zeroes the counters.
@@ -95,9 +98,9 @@ class ExpertLoad:
     not count as perfectly balanced.
     """
 
-    def __init__(self, model: Transformer, gamma_at: Callable[[], float] = lambda: 0.0):
-        self.layers = model.moe_layers()
-        self.gamma_at = gamma_at
+    def __init__(self, layers: list[tuple[str, torch.nn.Module]], gamma_at: Callable[[], float] = lambda: 0.0,
+                 group=None):
+        self.layers, self.gamma_at, self.group = layers, gamma_at, group
         self.counts: dict[str, torch.Tensor] = {}
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
@@ -109,7 +112,7 @@ class ExpertLoad:
             return
         counts = torch.stack([moe.tokens_per_expert for _, moe in self.layers])
         if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(counts)
+            dist.all_reduce(counts, group=self.group)
         self.counts = {name: c.float() for (name, _), c in zip(self.layers, counts) if c.sum() > 0}
         gamma = self.gamma_at()
         for name, moe in self.layers:

@@ -10,9 +10,11 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 
-from ..config import Validator, is_number, load_config
+from ..config import PRESETS, Validator, is_number, load_config
+from ..dist.mesh import PP_SCHEDULES
 
 _BALANCE = ("aux_free", "aux_loss", "none")
+_DSA_STAGES = ("none", "dense_warmup", "sparse")
 
 
 @dataclass
@@ -51,7 +53,22 @@ class TrainConfig:
         peak_gflops: matmul peak for the MFU estimate; None measures it once at start.
         seed: seeds model init, data order and dropout-free training exactly.
         threads: torch CPU threads (0: torch's default).
-        device: "cpu", "cuda", ... (None: cuda when available, else cpu).
+        device: "cpu", "cuda", ... (None: cuda when available, else the local rank's GPU under torchrun, else cpu).
+        dp_shard, dp_replicate, ep, pp, pp_schedule, microbatches: the parallel layout under torchrun (`--dp-shard`
+            ... ; docs/distributed.md): FSDP2 sharding degree (-1: the ranks the others leave), replicated data
+            parallelism (HSDP), expert parallelism (ranks taken from dp_shard), pipeline ranks, the pipeline
+            schedule (1F1B, Interleaved1F1B, ZBVZeroBubble, DualPipeV) and its micro-batches per step (None: the
+            fewest it accepts). The global batch (batch_size x grad_accum rows) does not depend on them.
+        init_from: an HF-format model folder (e.g. a checkpoint of an earlier run) to continue training instead of
+            building `preset`: its architecture with `model` overrides applied, its weights, and its tokenizer
+            unless `tokenizer` is set. Overrides may add a DSA indexer (freshly initialised from `seed`) or change
+            index_topk, rope_scaling and max_position_embeddings, e.g. a YaRN context extension (V3: 4K -> 32K ->
+            128K) with a longer seq_len.
+        dsa_stage: DeepSeek Sparse Attention training (V3.2 report §2.1; docs/design/dsa.md): "none"; "dense_warmup"
+            (dense attention, everything but the indexers frozen, loss = the indexers' KL to the head-summed main
+            attention; V3.2: lr 1e-3); "sparse" (top-k attention, the whole model on the language-model loss and
+            each indexer, on detached inputs, on its KL over the tokens it selected; V3.2: lr 7.3e-6). Needs a
+            model with an indexer (index_n_heads, index_head_dim, index_topk).
     """
 
     preset: str = "small"
@@ -94,6 +111,14 @@ class TrainConfig:
     seed: int = 0
     threads: int = 0
     device: str | None = None
+    dp_shard: int = -1
+    dp_replicate: int = 1
+    ep: int = 1
+    pp: int = 1
+    pp_schedule: str = "1F1B"
+    microbatches: int | None = None
+    init_from: str | None = None
+    dsa_stage: str = "none"
 
     def __post_init__(self):
         v = Validator(self)
@@ -117,6 +142,22 @@ class TrainConfig:
                   "must be a number > 0 or None")
         v.paths("data")
         v.require(isinstance(self.model, dict), "model", "must be a mapping of ModelConfig fields")
+        v.ints("dp_replicate", "ep", "pp")
+        v.require(self.dp_shard == -1 or (isinstance(self.dp_shard, int) and self.dp_shard >= 1), "dp_shard",
+                  "must be a positive int or -1")
+        v.one_of("pp_schedule", PP_SCHEDULES)
+        v.ints("microbatches", optional=True)
+        v.one_of("dsa_stage", _DSA_STAGES)
+        if self.init_from is not None:
+            v.require(isinstance(self.init_from, str) and os.path.isfile(os.path.join(self.init_from, "config.json")),
+                      "init_from", "must be a model folder holding a config.json")
+            if self.tokenizer is None and os.path.isfile(os.path.join(self.init_from, "tokenizer.json")):
+                self.tokenizer = self.init_from
+            v.require(self.tokenizer is not None, "tokenizer", "must be set when init_from holds no tokenizer.json "
+                      "(continued training keeps the model's token ids)")
+        elif self.dsa_stage != "none":
+            v.require(bool(self.model.get("index_topk") or PRESETS.get(self.preset, {}).get("index_topk")), "dsa_stage",
+                      "needs a model with an indexer: set index_n_heads, index_head_dim and index_topk in `model`")
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, **overrides) -> "TrainConfig":

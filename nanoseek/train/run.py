@@ -34,7 +34,8 @@ from tqdm import tqdm
 from ..runtime import is_main_process, local_device, seed_everything, set_threads
 from .balance import ExpertLoad
 from .metrics import MetricsLog
-from .state import list_checkpoints, load_trainer_state, save_checkpoint
+from .state import (DCP_DIR, list_checkpoints, load_checkpoint_model, load_trainer_state, newest_resumable, remove_stale_tmp,
+                    save_checkpoint)
 
 
 class TrainingAborted(RuntimeError):
@@ -57,12 +58,12 @@ class Recipe(Protocol):
         """What the progress bar shows after each step."""
 
 
-def build_optimizer(model: torch.nn.Module, lr: float, betas: tuple[float, float], weight_decay: float,
+def build_optimizer(params: list[torch.nn.Parameter], lr: float, betas: tuple[float, float], weight_decay: float,
                     device: torch.device) -> torch.optim.AdamW:
     """AdamW with decay on matrices (dim >= 2) only; fused where torch has the kernel (cpu, cuda), which
     makes the step several times faster on CPU (benchmarks/README.md, "Figures cited from code")."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device.type in ("cpu", "cuda"))
 
@@ -75,18 +76,24 @@ class TrainingRun:
         seed: seeds every RNG at start (runtime.seed_everything).
         device: None: the local rank's GPU when there is one, else the CPU (runtime.local_device).
         threads: torch CPU threads (0: torch's default).
-        resume: continue from the newest complete checkpoint in out_dir/checkpoints (a warning when there is
-            none); `checkpoint` is then its folder, for the command to load its model from.
+        resume: continue from the newest complete checkpoint in out_dir/checkpoints that loads (a warning names
+            each newer one skipped; a warning when there is none, ValueError when none loads); `checkpoint` is
+            then its folder, for the command to load its model from. Every start removes the `.tmp` folders of
+            interrupted saves.
         progress: show a progress bar (rank 0).
         label: the progress bar's label.
         keep_checkpoints: complete checkpoints kept on disk.
         max_bad_steps: consecutive non-finite losses tolerated (each drops its step) before TrainingAborted.
         tensorboard: write TensorBoard scalars next to metrics.jsonl.
+        parallel: the layout under torchrun, ParallelDims fields ({"dp_shard": 2, "ep": 2, ...}); a single process
+            with no layout asked for runs as before, with no process group.
+        replicate: keep whole weights on every rank (data parallelism by gradient all-reduce; SFT and GRPO).
     """
 
     def __init__(self, out_dir: str | os.PathLike, *, seed: int, device: str | None = None, threads: int = 0,
                  resume: bool = False, progress: bool = True, label: str = "train", keep_checkpoints: int = 2,
-                 max_bad_steps: int = 5, tensorboard: bool = True):
+                 max_bad_steps: int = 5, tensorboard: bool = True, parallel: dict | None = None,
+                 replicate: bool = False):
         self.out_dir = os.fspath(out_dir)
         self.ckpt_dir = os.path.join(self.out_dir, "checkpoints")
         self.progress, self.label, self.keep_checkpoints = progress, label, keep_checkpoints
@@ -94,10 +101,12 @@ class TrainingRun:
         set_threads(threads)
         seed_everything(seed)
         self.device = local_device(device)
-        found = list_checkpoints(self.ckpt_dir) if resume else []
-        if resume and not found:
+        self.parallel = _parallel(self.device, parallel or {}, replicate)
+        if is_main_process():
+            remove_stale_tmp(self.ckpt_dir)
+        self.checkpoint: str | None = newest_resumable(self.ckpt_dir) if resume else None
+        if resume and self.checkpoint is None:
             warnings.warn(f"resume: no complete checkpoint in {self.ckpt_dir}; starting afresh", stacklevel=3)
-        self.checkpoint: str | None = found[-1] if found else None
         self.step, self.bad_steps = 0, 0
         self.model = self.optimizer = self.tokenizer = self.metrics = None
         self.balance = False
@@ -114,12 +123,18 @@ class TrainingRun:
             expert_load.jsonl every log_every steps.
         """
         self.model, self.tokenizer, self.grad_clip = model.to(self.device), tokenizer, grad_clip
-        self.optimizer = build_optimizer(self.model, lr, betas, weight_decay, self.device)
+        # the transforms of a built model (pipeline split, expert parallelism, FSDP2) happen here, before the
+        # optimizer is built over the parameters they leave on this rank
+        self.modules = self.parallel.prepare(self.model) if self.parallel else [self.model]
+        params = [p for module in self.modules for p in module.parameters()]
+        self.optimizer = build_optimizer(params, lr, betas, weight_decay, self.device)
         state = {}
         if self.checkpoint is not None:
-            state = load_trainer_state(self.checkpoint, self.model, self.optimizer)
+            state = load_trainer_state(self.checkpoint, self.modules, self.optimizer)
             self.step, self.bad_steps = state.pop("step"), state.pop("bad_steps", 0)
-        self.expert_load = ExpertLoad(self.model, bias_gamma or (lambda: 0.0))
+        layers = [layer for module in self.modules for layer in module.moe_layers()]
+        group = self.parallel.dp_group if self.parallel else None
+        self.expert_load = ExpertLoad(layers, bias_gamma or (lambda: 0.0), group)
         self.expert_load.attach(self.optimizer)
         self.balance = bias_gamma is not None
         if is_main_process():
@@ -143,16 +158,26 @@ class TrainingRun:
         totals: dict[str, float] = {}
         for batch in micro_batches:
             loss, logged = loss_fn(batch)
-            if not torch.isfinite(loss):
-                self._drop_step()
+            if not self._finite(loss):
+                self.drop_step()
                 return None
             loss.backward()
             for key, value in logged.items():
                 totals[key] = totals.get(key, 0.0) + value
         self.bad_steps = 0
-        return totals
+        return self.parallel.mean_over_dp(totals) if self.parallel else totals
 
-    def _drop_step(self) -> None:
+    def _finite(self, loss: torch.Tensor) -> bool:
+        """Whether the loss is finite (on every rank: a step is dropped everywhere or nowhere, or the ranks'
+        collectives would stop matching)."""
+        finite = torch.isfinite(loss.detach()).to(torch.float32)
+        if self.parallel:
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        return bool(finite)
+
+    def drop_step(self) -> None:
+        """Drop the step's gradients and routing counts and count a bad step (TrainingAborted after
+        max_bad_steps in a row)."""
         self.optimizer.zero_grad(set_to_none=True)
         self.expert_load.reset()
         self.bad_steps += 1
@@ -167,17 +192,38 @@ class TrainingRun:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         clip = self.grad_clip if self.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip).item()
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        if self.parallel:
+            self.parallel.finish_grads(params)
+            grad_norm = self.parallel.clip_grad_norm_(params, clip)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip).item()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
 
     # ---- checkpoints and the loop -----------------------------------------------------------------
     def save(self, state: dict) -> str:
-        """A checkpoint of the current step with the command's `state` (rank 0 writes it)."""
+        """A checkpoint of the current step with the command's `state`: rank 0 writes it, or, when the
+        parameters are sharded, every rank its shards (torch.distributed.checkpoint)."""
+        sharded = self.modules if self.parallel and self.parallel.sharded else None
         return save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer,
                                {**state, "bad_steps": self.bad_steps}, tokenizer=self.tokenizer,
-                               keep=self.keep_checkpoints)
+                               keep=self.keep_checkpoints, sharded=sharded)
+
+    def checkpoint_model(self, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+        """The model of the checkpoint being resumed, on the run's device: loaded from its HF-format folder, or,
+        for a sharded checkpoint, built from its config.json (the tensors arrive in `attach`)."""
+        return load_checkpoint_model(self.checkpoint, dtype, self.device)
+
+    def export(self, out: str | None = None) -> str | None:
+        """After a sharded run: write the newest checkpoint's model as an HF-format folder (into that checkpoint
+        folder unless `out` is given), so that nanoseek.from_pretrained and transformers load it."""
+        if not (self.parallel and self.parallel.sharded):
+            return None
+        from ..dist.checkpoint import export_hf
+        path = list_checkpoints(self.ckpt_dir)[-1]
+        return export_hf(os.path.join(path, DCP_DIR), out or path, self.model.cfg, self.tokenizer)
 
     def fit(self, recipe: Recipe, max_steps: int, save_every: int, log_every: int = 0) -> dict:
         """Step until max_steps: metrics every step, a log line every log_every steps (0: none), a checkpoint
@@ -208,3 +254,15 @@ class TrainingRun:
             if self.metrics is not None:
                 self.metrics.close()
         return last
+
+
+def _parallel(device: torch.device, layout: dict, replicate: bool):
+    """The run's Parallel when it runs on several processes (torchrun) or asks for a layout; None otherwise."""
+    from ..dist.parallel import init_distributed
+    world = init_distributed(device)
+    asked = {k: v for k, v in layout.items() if v not in (None, 1, -1, "1F1B")}
+    if world == 1 and not asked:
+        return None
+    from ..dist import ParallelDims
+    from ..dist.parallel import Parallel
+    return Parallel(ParallelDims(world, **layout), device, replicate)
