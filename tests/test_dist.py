@@ -149,3 +149,67 @@ def test_stages_and_their_ranks():
 def test_a_single_process_refuses_a_layout_it_cannot_have(cfg, tmp_path):
     with pytest.raises(ConfigError, match="--pp 2 .* the world size 1"):
         Trainer(TrainConfig(**{**cfg, "pp": 2}), str(tmp_path), progress=False)
+
+
+# ---- SFT and GRPO: data parallel with whole weights on every rank -------------------------------------------
+
+def low_id_share(completions, examples=None, completion_ids=None, **_):
+    """Toy reward: the share of completion tokens with id < 100."""
+    return [sum(t < 100 for t in ids) / max(1, len(ids)) for ids in completion_ids]
+
+
+def _post_train(rank: int, world: int, port: int, kind: str, cfg: dict, init: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    if kind == "sft":
+        from nanoseek.rl.sft import SFTConfig, SFTTrainer
+        SFTTrainer(SFTConfig(**cfg), init, out, progress=False).fit()
+    else:
+        from nanoseek.rl.grpo import GRPOConfig, GRPOTrainer
+        GRPOTrainer(GRPOConfig(**cfg), init, out, progress=False, reward_fns={"low": low_id_share}).fit()
+
+
+@pytest.fixture(scope="module")
+def post_train(tmp_path_factory):
+    """(init folder, SFT data file) and a runner of `kind` on 1 or 2 processes returning its metrics rows."""
+    from nanoseek.rl.data import cold_start_rows, task_examples, write_rows
+    init = tmp_path_factory.mktemp("init")
+    tok = train_tokenizer(default_corpus(200), vocab_size=512)
+    nanoseek.save_pretrained(nanoseek.build_model(nanoseek.ModelConfig.preset("tiny", vocab_size=tok.vocab_size),
+                                                  seed=0), init)
+    tok.save(init)
+    data = tmp_path_factory.mktemp("data") / "sft.jsonl"
+    write_rows(data, cold_start_rows(task_examples(["arithmetic", "linear"], "train", 3, seed=0)))
+
+    def run(kind: str, world: int, cfg: dict, out) -> list[dict]:
+        if world == 1:
+            _post_train(0, 1, _port(), kind, cfg, str(init), str(out))
+        else:
+            mp.start_processes(_post_train, args=(world, _port(), kind, cfg, str(init), str(out)), nprocs=world,
+                               start_method="spawn")
+        return read_jsonl(os.path.join(out, "metrics.jsonl"))
+    return run, str(data)
+
+
+def test_sft_data_parallel_equals_one_process(post_train, tmp_path):
+    run, data = post_train
+    cfg = {"data": [data], "seq_len": 200, "batch_size": 3, "grad_accum": 2, "max_steps": 3, "lr": 1e-2,
+           "mtp_lambda": 0.3, "save_every": 0, "log_every": 10}      # micro-batches of 3 rows: 2 + 1 per rank
+    one, two = run("sft", 1, cfg, tmp_path / "one"), run("sft", 2, cfg, tmp_path / "two")
+    for a, b in zip(one, two):
+        for key in ("loss", "lm_loss", "mtp_loss", "grad_norm", "completion_tokens"):
+            assert b[key] == pytest.approx(a[key], rel=2e-4), (a["step"], key)
+    assert len(one) == len(two) == 3
+
+
+def test_grpo_data_parallel_equals_one_process(post_train, tmp_path):
+    run, _ = post_train
+    cfg = {"steps": 2, "prompts_per_step": 4, "group_size": 4, "max_new_tokens": 8, "lr": 3e-3,
+           "rewards": {"low": 1.0}, "n_train_problems": 10, "save_every": 0, "tensorboard": False, "micro_batch": 3}
+    one, two = run("grpo", 1, cfg, tmp_path / "one"), run("grpo", 2, cfg, tmp_path / "two")
+    for a, b in zip(one, two):
+        for key in ("reward", "accuracy", "completion_len_mean", "trained_completions", "loss", "grad_norm",
+                    "clip_ratio", "entropy"):
+            assert b[key] == pytest.approx(a[key], rel=2e-4, abs=1e-7), (a["step"], key)
+    assert len(one) == len(two) == 2 and all(r["trained_completions"] > 0 and r["grad_norm"] > 0 for r in one)

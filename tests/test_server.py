@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import threading
-import time
 
 import pytest
 import torch
@@ -23,44 +20,12 @@ pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
-from nanoseek.serve import create_app  # noqa: E402
+from live_server import LiveServer  # noqa: E402
 
 KEY = "test-key"
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return save_chat_model(tmp_path_factory.mktemp("tiny_chat"))
-
-
-class Server:
-    def __init__(self, model_dir, max_num_seqs: int = 4, api_key: str | None = KEY):
-        self.llm = LLM(model_dir, max_num_seqs=max_num_seqs)
-        self.engine = self.llm.llm_engine
-        self.app = create_app(self.llm, "tiny", api_key=api_key)
-        self.runner = self.app.state.runner
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        self.url = "http://127.0.0.1:%d" % sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            assert time.time() < deadline and self.thread.is_alive(), "server did not start"
-            time.sleep(0.02)
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(10)
-
-    def wait_idle(self, timeout: float = 5.0) -> bool:
-        """True once no request holds a slot (polled: the engine thread frees them asynchronously)."""
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if (self.runner.num_active == 0 and not self.engine.has_unfinished_requests()
-                    and self.engine.scheduler.num_free_slots == self.engine.max_num_seqs):
-                return True
-            time.sleep(0.02)
-        return False
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +37,7 @@ def offline(model_dir):
 
 @pytest.fixture(scope="module")
 def server(model_dir):
-    s = Server(model_dir)
+    s = LiveServer(model_dir, api_key=KEY)
     yield s
     s.stop()
 

@@ -27,6 +27,7 @@ from nanoseek.infer import LLM, SamplingParams
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
+from live_server import LiveServer  # noqa: E402
 from nanoseek.serve import create_app  # noqa: E402
 from nanoseek.serve.protocol import APIError, CompletionRequest, ServerLimits, parse_request  # noqa: E402
 
@@ -45,41 +46,9 @@ def model_dir(tmp_path_factory):
     return str(d)
 
 
-class Server:
-    """create_app(...) under a real uvicorn on a free 127.0.0.1 port, in a thread (as in test_server.py)."""
-
-    def __init__(self, model_dir, **app_kwargs):
-        self.llm = LLM(model_dir, max_num_seqs=4)
-        self.app = create_app(self.llm, "tiny", api_key=KEY, **app_kwargs)
-        self.runner = self.app.state.runner
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        self.url = "http://127.0.0.1:%d" % sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            assert time.time() < deadline and self.thread.is_alive(), "server did not start"
-            time.sleep(0.02)
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(10)
-
-    def wait_idle(self, timeout: float = 5.0) -> bool:
-        engine = self.llm.llm_engine
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.runner.num_active == 0 and not engine.has_unfinished_requests():
-                return True
-            time.sleep(0.02)
-        return False
-
-
 @pytest.fixture(scope="module")
 def server(model_dir):
-    s = Server(model_dir)
+    s = LiveServer(model_dir, api_key=KEY)
     yield s
     s.stop()
 

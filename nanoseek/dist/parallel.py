@@ -143,9 +143,16 @@ class Parallel:
         return dict(sorted(merged.items(), key=lambda kv: _layer_order(kv[0])))
 
     def all_reduce_grads(self, params: list[nn.Parameter]) -> None:
-        """Average gradients over the data-parallel ranks (replicate mode): one flat all-reduce per dtype."""
+        """Average gradients over the data-parallel ranks (replicate mode): one flat all-reduce per dtype. A
+        parameter that has a gradient on some rank gets one everywhere (zeros where it had none); one that has
+        none anywhere keeps None, as in a single process (AdamW then leaves it alone)."""
+        has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32)
+        dist.all_reduce(has, group=self.dp_group)
+        for p, anywhere in zip(params, has.tolist()):
+            if anywhere and p.grad is None:
+                p.grad = torch.zeros_like(p)
         grads = [p.grad for p in params if p.grad is not None]
-        for dtype in {g.dtype for g in grads}:
+        for dtype in sorted({g.dtype for g in grads}, key=str):
             same = [g for g in grads if g.dtype == dtype]
             flat = _flatten_dense_tensors(same)
             dist.all_reduce(flat, group=self.dp_group)

@@ -123,6 +123,9 @@ class Distiller(SFTTrainer):
             return super().loss_weights()
         return {**super().loss_weights(), "lm_loss": 1 - a, "kd_loss": a * T * T}
 
+    def part_names(self) -> list[str]:
+        return super().part_names() + (["kd_loss"] if self.teacher is not None else [])
+
     def loss_parts(self, input_ids, labels, n_tokens):
         parts, logits = super().loss_parts(input_ids, labels, n_tokens)
         if self.teacher is not None:

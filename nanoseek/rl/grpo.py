@@ -52,7 +52,7 @@ from typing import Mapping
 import torch
 
 from ..checkpoint import from_pretrained
-from ..config import Validator, is_number, load_config
+from ..config import ConfigError, Validator, is_number, load_config
 from ..data.tokenizer import Tokenizer
 from ..infer import LLM, prompt_opens_think
 from ..runtime import is_main_process
@@ -230,9 +230,18 @@ class GRPOTrainer:
         self.cfg, self.init, self.out = cfg, os.fspath(init), os.fspath(out)
         if not os.path.isdir(self.init):
             raise FileNotFoundError(f"--init {self.init!r} is not a folder (expected an HF-format checkpoint)")
+        # under torchrun: data parallel with whole weights on every rank, so each rank's engine samples from its
+        # own copy; every rank rolls out its share of the step's prompts (see `_rollout_shared`)
         self.run = run = TrainingRun(self.out, seed=cfg.seed, device=cfg.device, threads=cfg.threads, resume=resume,
                                      progress=progress, label="grpo", keep_checkpoints=cfg.keep_checkpoints,
-                                     tensorboard=cfg.tensorboard)
+                                     tensorboard=cfg.tensorboard, replicate=True)
+        if run.parallel is not None:
+            dp = run.parallel.dims.dp
+            if cfg.prompts_per_step % dp:
+                raise ConfigError(f"GRPOConfig.prompts_per_step {cfg.prompts_per_step} must be a multiple of the "
+                                  f"{dp} processes: each rolls out an equal share of the step's prompts")
+            if cfg.dynamic_sampling:
+                raise ConfigError("GRPOConfig.dynamic_sampling is not supported with several processes yet")
         self.tokenizer = Tokenizer.load(self.init)
         model = from_pretrained(run.checkpoint or self.init, dtype=torch.float32, device=run.device)
         self.ref = None
@@ -305,7 +314,7 @@ class GRPOTrainer:
     def _step(self) -> dict | None:
         cfg, G, P, step = self.cfg, self.cfg.group_size, self.cfg.prompts_per_step, self.run.step
         t0 = time.perf_counter()
-        ro, scores, credit = self._rollout(self.batch_indices(step), first_index=0)
+        ro, scores, credit, mine = self._rollout_shared(self.batch_indices(step))
         signal = self._signal(scores, credit)
         refill = 0
         while cfg.filter_zero_variance and refill < cfg.dynamic_sampling:
@@ -333,7 +342,7 @@ class GRPOTrainer:
                     and any(adv[i] + cfg.equation_credit * c > 0 for c in credit[i])]
         row = self._rollout_metrics(ro, scores, rewards, zero_variance_mask(rewards, G))
         row["lr"] = lr_at(step, cfg.steps, cfg.lr, cfg.warmup, cfg.lr_schedule)
-        update = self._update(ro, adv, credit, rows, row["lr"]) if rows else {"loss": 0.0, "grad_norm": 0.0}
+        update = self._update(ro, adv, credit, rows, row["lr"], mine) if rows else {"loss": 0.0, "grad_norm": 0.0}
         if update is None:
             return None
         row.update(update)
@@ -350,6 +359,27 @@ class GRPOTrainer:
         if credit is not None:
             signal |= torch.tensor([any(c) for c in credit]).view(-1, G).any(dim=1).repeat_interleave(G)
         return signal
+
+    def _rollout_shared(self, idx: list[int]):
+        """The step's rollout (plus its scores and credit) and the range of its rows this rank trains on. With
+        several processes each samples its equal share of the prompts (seeded by their place in the step, as a
+        single process would) and the rollouts are exchanged, so every rank computes the same advantages and
+        metrics as one process would."""
+        parallel = self.run.parallel
+        if parallel is None:
+            ro, scores, credit = self._rollout(idx, first_index=0)
+            return ro, scores, credit, range(len(ro))
+        share = len(idx) // parallel.dims.dp
+        first = parallel.dp_rank * share
+        local = self._rollout(idx[first:first + share], first_index=first)
+        parts: list = [None] * parallel.dims.dp
+        torch.distributed.all_gather_object(parts, local, group=parallel.dp_group)
+        ro, scores, credit = parts[0]
+        for more in parts[1:]:
+            ro, scores = ro + more[0], scores + more[1]
+            credit = None if credit is None else credit + more[2]
+        G = self.cfg.group_size
+        return ro, scores, credit, range(first * G, (first + share) * G)
 
     def _rollout(self, idx: list[int], first_index: int) -> tuple[Rollout, RewardScores, list[list[float]] | None]:
         """G samples for each problem in idx, their rewards, and their per-token equation credit (None when
@@ -389,13 +419,16 @@ class GRPOTrainer:
         return row
 
     def _update(self, ro: Rollout, adv: torch.Tensor, credit: list[list[float]] | None, rows: list[int],
-                lr: float) -> dict | None:
+                lr: float, mine: range) -> dict | None:
         """`mu` optimizer steps at `lr` on the completions `rows`, each accumulating over micro-batches (None when
-        a loss was not finite). With `credit`, each token's advantage is adv[row] + equation_credit x credit[row][token]."""
-        cfg, model, dev = self.cfg, self.model, self.run.device
+        a loss was not finite). With `credit`, each token's advantage is adv[row] + equation_credit x credit[row][token].
+        This rank trains on the rows in `mine` (all of them in a single process); the normalisers count every
+        rank's rows, and the losses are scaled by the process count, since the gradient all-reduce averages."""
+        cfg, model, dev, parallel = self.cfg, self.model, self.run.device, self.run.parallel
+        n_rows, local = len(rows), [i for i in rows if i in mine]
         batches = []
-        for s in range(0, len(rows), cfg.micro_batch):
-            mb = rows[s:s + cfg.micro_batch]
+        for s in range(0, len(local), cfg.micro_batch):
+            mb = local[s:s + cfg.micro_batch]
             scoring = pad_batch([ro.prompt_ids[i] for i in mb], [ro.completion_ids[i] for i in mb], dev)
             mask = scoring.mask
             if cfg.mask_truncated:  # DAPO overlong filtering
@@ -415,8 +448,13 @@ class GRPOTrainer:
                 if self.ref is not None:
                     b["ref"] = completion_logprobs(self.ref, scoring, cfg.temperature)[0]
             batches.append(b)
-        n_tokens = max(1.0, float(sum(b["mask"].sum() for b in batches)))
-        n_rows = len(rows)
+        n_tokens = float(sum(b["mask"].sum() for b in batches))
+        scale = 1
+        if parallel is not None:
+            total = torch.tensor(n_tokens, dtype=torch.float64)
+            torch.distributed.all_reduce(total, group=parallel.dp_group)
+            n_tokens, scale = float(total), parallel.dims.dp
+        n_tokens = max(1.0, n_tokens)
         sums: dict[str, float] = {}  # token-weighted statistics over every micro-batch of every pass
 
         def loss_fn(b: dict, first_pass: bool) -> tuple[torch.Tensor, dict[str, float]]:
@@ -432,17 +470,23 @@ class GRPOTrainer:
                 sums[k] = sums.get(k, 0.0) + w * v.item()
             if ent is not None:
                 sums["entropy"] = sums.get("entropy", 0.0) + float((ent * b["mask"]).sum()) / n_tokens
-            return loss, {"loss": loss.item()}
+            totals[-1] += loss.item()
+            return (loss if scale == 1 else loss * scale), {}
 
-        losses, grad_norm = [], 0.0
+        totals, grad_norm = [], 0.0
         model.eval()  # no dropout in the model; eval also keeps MoE from counting routed tokens
         for it in range(cfg.mu):
-            totals = self.run.accumulate(batches, lambda b: loss_fn(b, it == 0))
-            if totals is None:
+            totals.append(0.0)
+            if self.run.accumulate(batches, lambda b: loss_fn(b, it == 0)) is None:
                 return None
             grad_norm = self.run.optimizer_step(lr)
             sync_engine(self.llm)
-            losses.append(totals["loss"])
+        losses = totals
+        if parallel is not None:  # every rank's share of the sums
+            parts: list = [None] * parallel.dims.dp
+            torch.distributed.all_gather_object(parts, (losses, sums), group=parallel.dp_group)
+            losses = [sum(p[0][i] for p in parts) for i in range(cfg.mu)]
+            sums = {k: sum(p[1].get(k, 0.0) for p in parts) for k in dict.fromkeys(k for p in parts for k in p[1])}
         return {"loss": sum(losses) / len(losses), "grad_norm": grad_norm,
                 "clip_ratio": sums.pop("clip_frac"), "clip_ratio/low": sums.pop("clip_frac_low"),
                 "clip_ratio/high": sums.pop("clip_frac_high"), **sums}

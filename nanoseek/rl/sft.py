@@ -170,9 +170,10 @@ class SFTTrainer:
 
     def __init__(self, cfg: SFTConfig, init: str, out: str, resume: bool = False, progress: bool = True):
         self.cfg, self.out = cfg, out
+        # under torchrun: data parallel with whole weights on every rank (each its rows of every micro-batch)
         self.run = run = TrainingRun(out, seed=cfg.seed, device=cfg.device, threads=cfg.threads, resume=resume,
                                      progress=progress, label=self.name, keep_checkpoints=cfg.keep_checkpoints,
-                                     max_bad_steps=cfg.max_bad_steps)
+                                     max_bad_steps=cfg.max_bad_steps, replicate=True)
         model, self.tokenizer = load_init(run.checkpoint or init)
         if self.tokenizer.vocab_size > model.cfg.vocab_size:
             raise ValueError(f"the tokenizer in {init} has {self.tokenizer.vocab_size} ids but the model only "
@@ -196,6 +197,10 @@ class SFTTrainer:
         """Weight of each loss part in the step's loss."""
         return {"lm_loss": 1.0, "mtp_loss": self.cfg.mtp_lambda}
 
+    def part_names(self) -> list[str]:
+        """The loss parts `loss_parts` returns, in order."""
+        return ["lm_loss"] + (["mtp_loss"] if self.cfg.mtp_lambda > 0 and len(self.model.mtp) else [])
+
     def loss_parts(self, input_ids: torch.Tensor, labels: torch.Tensor, n_tokens: int) -> tuple[dict, torch.Tensor]:
         """This micro-batch's share of each loss part (token sums / the step's completion tokens `n_tokens`)
         and the main head's logits [B, T, V] (fp32)."""
@@ -213,6 +218,15 @@ class SFTTrainer:
 
     def _loss(self, batch, n_tokens: int, weights: dict[str, float]) -> tuple[torch.Tensor, dict[str, float]]:
         input_ids, labels = batch
+        parallel = self.run.parallel
+        if parallel is not None:
+            # this rank's rows of the micro-batch; their token sums, over the whole step's tokens, times the ranks:
+            # the gradient all-reduce averages, so the step's gradient is the single-process one
+            input_ids, labels = input_ids[parallel.dp_rank::parallel.dims.dp], labels[parallel.dp_rank::parallel.dims.dp]
+            n_tokens = n_tokens / parallel.dims.dp
+            if not len(input_ids):
+                zero = torch.zeros((), device=labels.device, requires_grad=True)
+                return zero, {"loss": 0.0, **dict.fromkeys(self.part_names(), 0.0)}  # a micro-batch of < dp rows
         with torch.autocast(self.run.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"):
             parts, _ = self.loss_parts(input_ids, labels, n_tokens)
             loss = sum(weights[k] * v for k, v in parts.items())

@@ -156,24 +156,28 @@ class TrainingRun:
         then the step's gradients and routing counts are dropped (the micro-batches after it are not drawn) and
         the bad step is counted."""
         totals: dict[str, float] = {}
+        finite = True
         for batch in micro_batches:
             loss, logged = loss_fn(batch)
-            if not self._finite(loss):
-                self.drop_step()
-                return None
+            if not torch.isfinite(loss):
+                finite = False
+                break
             loss.backward()
             for key, value in logged.items():
                 totals[key] = totals.get(key, 0.0) + value
+        if not self._everywhere(finite):
+            self.drop_step()
+            return None
         self.bad_steps = 0
         return self.parallel.mean_over_dp(totals) if self.parallel else totals
 
-    def _finite(self, loss: torch.Tensor) -> bool:
-        """Whether the loss is finite (on every rank: a step is dropped everywhere or nowhere, or the ranks'
-        collectives would stop matching)."""
-        finite = torch.isfinite(loss.detach()).to(torch.float32)
-        if self.parallel:
-            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-        return bool(finite)
+    def _everywhere(self, ok: bool) -> bool:
+        """`ok` on every rank (one collective: a step is dropped on all ranks or on none)."""
+        if not self.parallel:
+            return ok
+        flag = torch.tensor(float(ok))
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        return bool(flag)
 
     def drop_step(self) -> None:
         """Drop the step's gradients and routing counts and count a bad step (TrainingAborted after
