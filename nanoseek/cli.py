@@ -164,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", nargs="*", default=None,
                    help="local .txt/.jsonl/.parquet files or folders (default: the embedded task corpus)")
     p.add_argument("--tokenizer", default=None, help="an existing tokenizer folder (default: train one)")
-    p.add_argument("--precision", default=None, choices=["float32", "bf16"], help="default: float32")
+    p.add_argument("--precision", default=None, choices=["float32", "bf16", "fp8"],
+                   help="default: float32; fp8: DeepSeek-V3's FP8 recipe (docs/design/fp8.md)")
     p.add_argument("--balance", default=None, choices=["aux_free", "aux_loss", "none"],
                    help="expert balancing (default: aux_free)")
     p.add_argument("--init-from", default=None,

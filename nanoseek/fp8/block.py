@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
+from .tile import FP8_MAX, round_scale
 
 
 def _padded_blocks(w: torch.Tensor, block: int) -> torch.Tensor:
@@ -18,13 +18,15 @@ def _padded_blocks(w: torch.Tensor, block: int) -> torch.Tensor:
     return w.view((rows + pr) // block, block, (cols + pc) // block, block)
 
 
-def block_quantize(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """FP8 weight (same shape) and fp32 scale_inv (ceil(rows/128), ceil(cols/128)); scale = amax/448."""
+def block_quantize(w: torch.Tensor, block: int = 128,
+                   scale_fmt: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP8 weight (same shape) and fp32 scale_inv (ceil(rows/128), ceil(cols/128)); scale = amax/448, rounded
+    up to a power of two with scale_fmt="ue8m0" (tile.round_scale)."""
     if w.dim() != 2:
         raise ValueError(f"block_quantize expects a 2-D weight, got shape {tuple(w.shape)}")
     blocks = _padded_blocks(w.float(), block)
     amax = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12)
-    scale_inv = amax / FP8_MAX
+    scale_inv = round_scale(amax / FP8_MAX, scale_fmt)
     q = (blocks / scale_inv[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     q = q.view(blocks.shape[0] * block, blocks.shape[2] * block)[: w.shape[0], : w.shape[1]]
     return q.contiguous(), scale_inv

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from ..checkpoint import from_pretrained
 from ..config import ConfigError, Validator, load_config
 from ..data.dataset import IGNORE_INDEX
+from ..fp8.convert import convert_to_fp8
 from ..data.tokenizer import TOKENIZER_FILE, Tokenizer
 from ..runtime import is_main_process
 from ..train.metrics import write_plots
@@ -65,7 +66,8 @@ class SFTConfig:
             the MTP modules only serve speculative decoding and cost a block forward/backward each per
             step. They are kept unchanged in the output (>0, e.g. 0.1, keeps drafts in step with the
             fine-tuned head, for better speculative acceptance).
-        precision: "float32" or "bf16" (CPU autocast; weights and optimizer state stay fp32).
+        precision: "float32", "bf16" (CPU autocast; weights and optimizer state stay fp32) or "fp8" (FP8 projections
+            and experts, nanoseek/fp8/convert.py; the rest in bf16 autocast).
         log_every: steps between log lines.
         save_every: steps between checkpoints (0: only at the end).
         keep_checkpoints: complete checkpoints kept on disk.
@@ -117,7 +119,7 @@ class SFTConfig:
         v.number("beta2", 0, 1, open_high=True)
         for f in ("weight_decay", "grad_clip", "mtp_lambda"):
             v.number(f, 0)
-        v.one_of("precision", ("float32", "bf16"))
+        v.one_of("precision", ("float32", "bf16", "fp8"))
         v.flags("packing")
 
     @classmethod
@@ -185,6 +187,8 @@ class SFTTrainer:
         self.batches = SFTBatches([len(ex.tokens) for ex in self.examples], cfg.batch_size, cfg.seed, cfg.packing)
         self.max_steps = cfg.max_steps or math.ceil(cfg.epochs * self.batches.per_epoch / cfg.grad_accum)
         self.warmup = round(cfg.warmup_ratio * self.max_steps)
+        if cfg.precision == "fp8":  # a transform of the built model, before parallelism and the optimizer
+            convert_to_fp8(model)
         state = run.attach(model, self.tokenizer, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                            weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
         self.model = run.model
@@ -222,12 +226,13 @@ class SFTTrainer:
         if parallel is not None:
             # this rank's rows of the micro-batch; their token sums, over the whole step's tokens, times the ranks:
             # the gradient all-reduce averages, so the step's gradient is the single-process one
-            input_ids, labels = input_ids[parallel.dp_rank::parallel.dims.dp], labels[parallel.dp_rank::parallel.dims.dp]
+            mine = slice(parallel.dp_rank, None, parallel.dims.dp)
+            input_ids, labels = input_ids[mine], labels[mine]
             n_tokens = n_tokens / parallel.dims.dp
             if not len(input_ids):
                 zero = torch.zeros((), device=labels.device, requires_grad=True)
                 return zero, {"loss": 0.0, **dict.fromkeys(self.part_names(), 0.0)}  # a micro-batch of < dp rows
-        with torch.autocast(self.run.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"):
+        with torch.autocast(self.run.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision in ("bf16", "fp8")):
             parts, _ = self.loss_parts(input_ids, labels, n_tokens)
             loss = sum(weights[k] * v for k, v in parts.items())
         return loss, {"loss": loss.item(), **{k: v.item() for k, v in parts.items()}}

@@ -36,7 +36,8 @@ class TrainConfig:
         lr, min_lr_ratio, warmup_steps, schedule: AdamW peak LR, final LR fraction, linear warmup steps,
             and the decay shape ("cosine", "wsd" or "constant").
         weight_decay, beta1, beta2, grad_clip: AdamW and global-norm clipping (0 disables clipping).
-        precision: "float32" or "bf16" (autocast; weights and optimizer state stay fp32).
+        precision: "float32", "bf16" (autocast; weights and optimizer state stay fp32) or "fp8" (DeepSeek-V3's FP8
+            recipe for the projections and experts, nanoseek/fp8/convert.py, the rest in bf16 autocast).
         mtp_lambda, mtp_lambda_late, mtp_switch_frac: MTP loss weight, first then late value, switched at
             this fraction of training (V3: 0.3 then 0.1 at 10/14.8).
         balance: "aux_free" (bias updates, V3), "aux_loss" (classic batch-wise auxiliary loss) or "none".
@@ -128,7 +129,7 @@ class TrainConfig:
         v.number("lr", 0, open_low=True)
         v.number("min_lr_ratio", 0, 1)
         v.one_of("schedule", ("cosine", "wsd", "constant"))
-        v.one_of("precision", ("float32", "bf16"))
+        v.one_of("precision", ("float32", "bf16", "fp8"))
         v.one_of("balance", _BALANCE)
         v.number("val_fraction", 0, 1, open_high=True)
         v.number("beta1", 0, 1, open_high=True)

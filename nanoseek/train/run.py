@@ -34,8 +34,8 @@ from tqdm import tqdm
 from ..runtime import is_main_process, local_device, seed_everything, set_threads
 from .balance import ExpertLoad
 from .metrics import MetricsLog
-from .state import (DCP_DIR, list_checkpoints, load_checkpoint_model, load_trainer_state, newest_resumable, remove_stale_tmp,
-                    save_checkpoint)
+from .state import (DCP_DIR, list_checkpoints, load_checkpoint_model, load_trainer_state, newest_resumable,
+                    remove_stale_tmp, save_checkpoint)
 
 
 class TrainingAborted(RuntimeError):

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from ..checkpoint import from_pretrained
 from ..config import ConfigError, ModelConfig
+from ..fp8.convert import convert_to_fp8
 from ..model import Transformer, build_model
 from ..model.indexer import IndexerRecorder
 from ..runtime import is_main_process
@@ -58,7 +59,8 @@ def continued_model(cfg: TrainConfig, vocab: int, device: torch.device) -> Trans
     model_cfg = base.cfg.replace(**cfg.model)
     if model_cfg.max_position_embeddings < cfg.seq_len:
         raise ValueError(f"seq_len {cfg.seq_len} exceeds the model's max_position_embeddings "
-                         f"{model_cfg.max_position_embeddings}; raise it (and set YaRN rope_scaling) in TrainConfig.model")
+                         f"{model_cfg.max_position_embeddings}; raise it (and set YaRN rope_scaling) in "
+                         "TrainConfig.model")
     if vocab > model_cfg.vocab_size:
         raise ValueError(f"the tokenizer has {vocab} tokens, more than the vocabulary ({model_cfg.vocab_size}) of "
                          f"{cfg.init_from}; use the tokenizer it was trained with")
@@ -130,6 +132,8 @@ class Trainer:
                 raise ValueError(f"seq_len {cfg.seq_len} exceeds the model's max_position_embeddings "
                                  f"{model_cfg.max_position_embeddings}")
             model = build_model(model_cfg, seed=cfg.seed, device=run.device)
+        if cfg.precision == "fp8":  # a transform of the built model, before parallelism and the optimizer
+            convert_to_fp8(model)
         state = run.attach(model, self.data.tokenizer, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                            weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, bias_gamma=self._bias_gamma)
         if state:
@@ -164,7 +168,7 @@ class Trainer:
         batch = self._local(batch)
         warmup = cfg.dsa_stage == "dense_warmup"
         recorder = IndexerRecorder(dense=warmup) if cfg.dsa_stage != "none" else None
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision in ("bf16", "fp8")):
             if recorder is None:
                 lm, mtp_losses = language_model_losses(self.model, batch.input_ids, batch.labels, mtp=lam > 0)
             else:
