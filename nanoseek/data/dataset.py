@@ -52,7 +52,8 @@ def split_documents(docs: Sequence[str], val_fraction: float = 0.05, seed: int =
 
 def tokenize_documents(docs: Sequence[str], tokenizer: Tokenizer) -> list[list[int]]:
     """`[BOS] + encode(doc) + [EOS]` for each document."""
-    bos, eos = tokenizer.bos_id, tokenizer.eos_id
+    bos = tokenizer.special_id("bos_token", "pretraining data (BOS and EOS around every document)")
+    eos = tokenizer.special_id("eos_token", "pretraining data (BOS and EOS around every document)")
     return [[bos, *ids, eos] for ids in tokenizer.encode_batch(docs)]
 
 
@@ -107,7 +108,8 @@ class PackedDataset(torch.utils.data.Dataset):
     @classmethod
     def from_texts(cls, texts: Sequence[str], tokenizer: Tokenizer, seq_len: int) -> "PackedDataset":
         """Tokenize `texts` (BOS/EOS around each) and pack them."""
-        return cls(tokenize_documents(texts, tokenizer), seq_len, tokenizer.pad_id)
+        pad = tokenizer.special_id("pad_token", "packing (the last row is padded)")
+        return cls(tokenize_documents(texts, tokenizer), seq_len, pad)
 
     def __len__(self) -> int:
         return self.tokens.shape[0]

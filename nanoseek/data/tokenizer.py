@@ -1,6 +1,11 @@
-"""Byte-level BPE tokenizer: train it, save it as HF files, load it back, render chat prompts.
+"""Tokenizers: any HF tokenizer folder (DeepSeek's releases included), and nanoseek's own byte-level BPE.
 
-Key choices:
+`Tokenizer` is an HF fast tokenizer (a `tokenizers` backend), its named special tokens and its chat templates;
+`Tokenizer.load` reads any folder `transformers.AutoTokenizer` reads through tokenizer.json, with the same ids
+and the same chat prompts (nanoseek/data/tokenizer_files.py, nanoseek/data/chat_template.py;
+docs/design/tokenizers.md). The tokenizer nanoseek trains is one such folder.
+
+nanoseek's own tokenizer (`train_tokenizer`):
 - The `tokenizers` library does the work (the field's standard; `transformers` reads the same
   tokenizer.json). Byte-level BPE never needs an unknown token, so encode/decode is lossless for any
   unicode text. Digits are split one per token before the byte-level split, which helps small
@@ -13,12 +18,10 @@ Key choices:
   5-8 `<think>` `</think>` `<answer>` `</answer>` (added but not special, so they survive that decode).
   BOS=0/EOS=1 match ModelConfig's defaults. The names are ASCII versions of DeepSeek's
   `<｜begin▁of▁sentence｜>` etc.
-- `encode` never adds BOS/EOS (there is no post-processor): the data pipeline adds them per document
-  and the chat template writes BOS itself, so ids agree with `transformers` with or without
-  `add_special_tokens`.
-- `save` writes `tokenizer.json` and `tokenizer_config.json` (bos/eos/pad tokens, model_max_length,
-  a jinja2 chat template in the DeepSeek-R1 layout) next to config.json/safetensors, so a checkpoint
-  folder loads with `transformers.AutoTokenizer.from_pretrained`.
+- No post-processor: `encode` adds no BOS/EOS; the data pipeline adds them per document and the chat
+  template writes BOS itself, so ids agree with `transformers` with or without `add_special_tokens`.
+- `save` writes `tokenizer.json` and `tokenizer_config.json` (special tokens, model_max_length, a jinja2 chat
+  template in the DeepSeek-R1 layout) next to config.json/safetensors.
 """
 
 from __future__ import annotations
@@ -29,21 +32,21 @@ import re
 from typing import Iterable, Iterator, Mapping, Sequence
 
 import jinja2
-import jinja2.ext
-import jinja2.sandbox
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as _Backend
 
 from ..checkpoint import CheckpointError
-from ..files import atomic_write_text, read_json, read_text
+from ..files import atomic_write_text
+from .chat_template import ChatTemplates
 from .r1_format import ANSWER, END_ANSWER, END_THINK, THINK
+from .tokenizer_files import (CONFIG_FILE, DEFAULT_MAX_LENGTH, SPECIAL_TOKEN_NAMES,  # noqa: F401
+                              SPECIAL_TOKENS_MAP_FILE, TEMPLATE_FILE, TOKENIZER_FILE, read_folder)
 
 BOS, EOS, PAD, USER, ASSISTANT = ("<|begin_of_sentence|>", "<|end_of_sentence|>", "<|pad|>", "<|User|>",
                                   "<|Assistant|>")
 SPECIAL_TOKENS = (BOS, EOS, PAD, USER, ASSISTANT)
 REASONING_TOKENS = (THINK, END_THINK, ANSWER, END_ANSWER)
-DEFAULT_MAX_LENGTH = 4096
-TOKENIZER_FILE, CONFIG_FILE, TEMPLATE_FILE = "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"
+NANOSEEK_SPECIAL_TOKENS = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD}  # what train_tokenizer names
 
 # DeepSeek-R1 layout: BOS, system text, then <|User|>q<|Assistant|>a<|end_of_sentence|> per turn.
 # Unlike the released R1 template it keeps <think> blocks of earlier turns and does not pre-fill
@@ -60,26 +63,41 @@ CHAT_TEMPLATE = (
 
 
 class Tokenizer:
-    """A trained byte-level BPE tokenizer plus its chat template.
+    """An HF fast tokenizer: a `tokenizers` backend, its named special tokens and its chat templates.
 
     Args:
-        backend: a `tokenizers.Tokenizer` that contains the SPECIAL_TOKENS.
-        chat_template: jinja2 source rendered by `apply_chat_template`.
+        backend: a `tokenizers.Tokenizer`.
+        chat_template: jinja2 source rendered by `apply_chat_template`, name -> source for several named templates,
+            or None (chat then raises, naming the folder).
         model_max_length: longest sequence the model is meant to see (written to tokenizer_config.json).
+        special_tokens: the named special tokens ({"bos_token": ..., "eos_token": ..., "pad_token": ...}; keys from
+            SPECIAL_TOKEN_NAMES), each in the backend's vocabulary. Default: the ones train_tokenizer names.
+        name: where the tokenizer came from (a folder), for error messages.
     """
 
-    def __init__(self, backend: _Backend, chat_template: str = CHAT_TEMPLATE,
-                 model_max_length: int = DEFAULT_MAX_LENGTH):
-        missing = [t for t in SPECIAL_TOKENS if backend.token_to_id(t) is None]
+    def __init__(self, backend: _Backend, chat_template: str | Mapping[str, str] | None = CHAT_TEMPLATE,
+                 model_max_length: int = DEFAULT_MAX_LENGTH, special_tokens: Mapping[str, str] | None = None,
+                 name: str | None = None):
+        special = dict(NANOSEEK_SPECIAL_TOKENS if special_tokens is None else special_tokens)
+        unknown = sorted(set(special) - set(SPECIAL_TOKEN_NAMES))
+        if unknown:
+            raise ValueError(f"unknown special token names {unknown}; expected some of {list(SPECIAL_TOKEN_NAMES)}")
+        missing = [t for t in special.values() if backend.token_to_id(t) is None]
         if missing:
             raise ValueError(f"tokenizer lacks the special tokens {missing}")
         self.backend = backend
-        self.chat_template = chat_template
+        self.special_tokens = {k: special[k] for k in SPECIAL_TOKEN_NAMES if special.get(k)}  # transformers' order
         self.model_max_length = model_max_length
-        env = jinja2.sandbox.ImmutableSandboxedEnvironment(  # the environment transformers renders with
-            trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
-        env.globals["raise_exception"] = _raise
-        self._template = env.from_string(chat_template)
+        self.name = name
+        self.templates = ChatTemplates(chat_template) if chat_template else None
+
+    @property
+    def chat_template(self) -> str | None:
+        """The source of the template used when none is named (None when the tokenizer has no template)."""
+        if self.templates is None:
+            return None
+        sources = self.templates.sources
+        return sources.get("default", next(iter(sources.values())) if len(sources) == 1 else None)
 
     @property
     def vocab_size(self) -> int:
@@ -87,40 +105,85 @@ class Tokenizer:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
     @property
-    def bos_id(self) -> int:
-        return self.backend.token_to_id(BOS)
+    def bos_token(self) -> str | None:
+        return self.special_tokens.get("bos_token")
 
     @property
-    def eos_id(self) -> int:
-        return self.backend.token_to_id(EOS)
+    def eos_token(self) -> str | None:
+        return self.special_tokens.get("eos_token")
 
     @property
-    def pad_id(self) -> int:
-        return self.backend.token_to_id(PAD)
+    def pad_token(self) -> str | None:
+        return self.special_tokens.get("pad_token")
+
+    @property
+    def bos_id(self) -> int | None:
+        """Id of the BOS token; None when the tokenizer names none (likewise eos_id, pad_id)."""
+        return self._id("bos_token")
+
+    @property
+    def eos_id(self) -> int | None:
+        return self._id("eos_token")
+
+    @property
+    def pad_id(self) -> int | None:
+        return self._id("pad_token")
+
+    def _id(self, name: str) -> int | None:
+        token = self.special_tokens.get(name)
+        return None if token is None else self.backend.token_to_id(token)
+
+    def special_id(self, name: str, needed_for: str) -> int:
+        """The id of named special token `name` ("bos_token", "eos_token", "pad_token", ...); a ValueError naming
+        the folder and `needed_for` (what needs the token) when the tokenizer names none."""
+        token_id = self._id(name)
+        if token_id is None:
+            where = f" in {self.name}" if self.name else ""
+            raise ValueError(f"the tokenizer{where} names no {name} ({CONFIG_FILE} or {SPECIAL_TOKENS_MAP_FILE}); "
+                             f"{needed_for} needs one")
+        return token_id
 
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of `text`; no BOS/EOS added. Special-token strings in the text become their ids."""
-        return self.backend.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of `text`. Special-token strings in the text become their ids. add_special_tokens=True runs
+        tokenizer.json's post-processor (e.g. a BOS in front), as transformers' `encode(text)` does."""
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        """`encode` for many texts at once (parallel in the Rust backend)."""
-        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+    def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = False) -> list[list[int]]:
+        """`encode` for many texts at once (parallel in the Rust backend, which releases the GIL)."""
+        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         """Text of `ids`; by default every token (special ones too) is kept, so decode(encode(t)) == t."""
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True) -> str:
-        """Render `messages` ([{"role": "system"|"user"|"assistant", "content": str}, ...]) as text.
+    def require_chat_template(self) -> None:
+        """Raise ValueError, naming the folder, when the tokenizer has no chat template (chat cannot work)."""
+        if self.templates is None:
+            where = f" in {self.name}" if self.name else ""
+            raise ValueError(f"the tokenizer has no chat template{where} (no chat_template in {CONFIG_FILE}, no "
+                             f"{TEMPLATE_FILE}); chat needs one")
 
-        Same output as `transformers`' `apply_chat_template(..., tokenize=False)` on the saved folder.
-        add_generation_prompt appends `<|Assistant|>` so the model continues as the assistant.
+    def apply_chat_template(self, messages: Sequence[Mapping], add_generation_prompt: bool = True,
+                            tools: Sequence[Mapping] | None = None, documents: Sequence[Mapping] | None = None,
+                            chat_template: str | None = None, **template_kwargs) -> str:
+        """Render `messages` ([{"role", "content", ...}, ...]) as prompt text, as transformers'
+        `apply_chat_template(..., tokenize=False)` does on the same folder (token ids: `encode` the text).
+
+        Args:
+            add_generation_prompt: end with the assistant's turn opening (R1's also opens its think block).
+            tools: OpenAI-style tool schemas ({"type": "function", "function": {...}}), for templates that read them.
+            documents: retrieval documents, for templates that read them.
+            chat_template: the name of one of the tokenizer's templates (default: "tool_use" when tools are
+                given and it exists, else "default").
+            template_kwargs: more template variables, e.g. thinking=True for DeepSeek-V3.1.
+        Raises ValueError when the tokenizer has no chat template, jinja2's TemplateError when rendering fails.
         """
-        return self._template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                     bos_token=BOS, eos_token=EOS, pad_token=PAD)
+        self.require_chat_template()
+        return self.templates.render(messages, self.special_tokens, add_generation_prompt=add_generation_prompt,
+                                     tools=tools, documents=documents, name=chat_template, **template_kwargs)
 
     def save(self, directory: str | os.PathLike) -> None:
         """Write tokenizer.json and tokenizer_config.json into `directory` (created if needed).
@@ -131,55 +194,36 @@ class Tokenizer:
         os.makedirs(directory, exist_ok=True)
         config = {
             "tokenizer_class": "PreTrainedTokenizerFast",
-            "bos_token": BOS, "eos_token": EOS, "pad_token": PAD,
+            **self.special_tokens,
             "add_bos_token": False, "add_eos_token": False,
             "clean_up_tokenization_spaces": False,  # spaces are part of the bytes: keep decode lossless
             "model_max_length": self.model_max_length,
-            "chat_template": self.chat_template,
         }
+        if self.templates is not None:
+            sources = self.templates.sources
+            config["chat_template"] = (sources["default"] if list(sources) == ["default"] else
+                                       [{"name": k, "template": v} for k, v in sources.items()])
         atomic_write_text(os.path.join(directory, TOKENIZER_FILE), self.backend.to_str(pretty=True))
         atomic_write_text(os.path.join(directory, CONFIG_FILE), json.dumps(config, indent=2, ensure_ascii=False))
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "Tokenizer":
-        """Read a folder written by `save` (or any HF folder with a byte-level tokenizer.json and our tokens).
+        """Read an HF tokenizer folder: one written by `save`, or a released model's (tokenizer_files.py).
 
         Raises FileNotFoundError when the folder or its tokenizer.json is missing, CheckpointError naming the
-        file when one is unreadable: a tokenizer.json the `tokenizers` library rejects or that lacks our special
-        tokens, a tokenizer_config.json that is not a JSON object, a chat template with a syntax error. The
-        template is compiled here, not at its first use as transformers does, so a server or a training run
-        fails at start rather than on its first chat.
+        file when one is unreadable: a tokenizer.json the `tokenizers` library rejects or that lacks a special
+        token its config names, a tokenizer_config.json that is not a JSON object, a chat template with a syntax
+        error. Templates are compiled here, not at their first use as transformers does, so a server or a
+        training run fails at start rather than on its first chat.
         """
-        directory = os.fspath(directory)
-        path = os.path.join(directory, TOKENIZER_FILE)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no {TOKENIZER_FILE} in {directory!r}: train one with "
-                                    f"nanoseek.data.train_tokenizer(texts, vocab_size) and .save() it there")
-        text = read_text(path, error=CheckpointError)
+        args = read_folder(directory)
+        files = args.pop("template_files")
         try:
-            backend = _Backend.from_str(text)
-        except Exception as e:  # the Rust library raises a bare Exception naming only the JSON position
-            raise CheckpointError(f"{path}: not a readable tokenizer ({e})") from None
-        config: dict = {}
-        config_path = os.path.join(directory, CONFIG_FILE)
-        if os.path.isfile(config_path):
-            config = read_json(config_path, error=CheckpointError)
-        template, source = config.get("chat_template"), config_path
-        jinja_path = os.path.join(directory, TEMPLATE_FILE)  # where newer transformers versions save it
-        if not template and os.path.isfile(jinja_path):
-            template, source = read_text(jinja_path, error=CheckpointError), jinja_path
-        if template is not None and not isinstance(template, str):
-            raise CheckpointError(f"{source}: chat_template must be a string (named template lists are not "
-                                  "supported)")
-        max_length = config.get("model_max_length", DEFAULT_MAX_LENGTH)
-        if not isinstance(max_length, (int, float)) or isinstance(max_length, bool) or max_length < 1:
-            raise CheckpointError(f"{config_path}: model_max_length must be a positive number (got {max_length!r})")
-        try:
-            return cls(backend, chat_template=template or CHAT_TEMPLATE, model_max_length=int(max_length))
+            return cls(**args)
         except jinja2.TemplateSyntaxError as e:
-            raise CheckpointError(f"{source}: chat_template line {e.lineno}: {e.message}") from None
+            raise CheckpointError(f"{files.get(e.name, e.name)}: chat_template line {e.lineno}: {e.message}") from None
         except ValueError as e:
-            raise CheckpointError(f"{path}: {e}") from None
+            raise CheckpointError(f"{os.path.join(os.fspath(directory), TOKENIZER_FILE)}: {e}") from None
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 8192, min_frequency: int = 2,
@@ -210,7 +254,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 8192, min_frequency:
     spec = json.loads(backend.to_str())
     for tok in spec["added_tokens"]:
         tok["special"] = tok["content"] in SPECIAL_TOKENS
-    return Tokenizer(_Backend.from_str(json.dumps(spec)), model_max_length=model_max_length)
+    return Tokenizer(_Backend.from_str(json.dumps(spec)), model_max_length=model_max_length,
+                     special_tokens=NANOSEEK_SPECIAL_TOKENS)
 
 
 _ADDED_RE = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS + REASONING_TOKENS))
@@ -221,7 +266,4 @@ def _without_added_tokens(texts: Iterable[str]) -> Iterator[str]:
     for text in texts:
         yield from (piece for piece in _ADDED_RE.split(text) if piece)
 
-
-def _raise(message: str):
-    raise jinja2.exceptions.TemplateError(message)
 

@@ -8,6 +8,7 @@ sequence, one job per file), MTP self-speculative decoding, and the R1 reasoning
 - sampler.py: penalties, temperature, top-k/top-p/min-p, seeded sampling, logprobs.
 - speculative.py: MTP drafting and the speculative acceptance rule.
 - detokenizer.py: incremental detokenization; reasoning.py: <think> split, whole and streamed.
+- tool_calls.py: DeepSeek tool-call tokens in the output -> OpenAI tool_calls, whole and streamed.
 - generate.py: greedy_generate, the minimal reference decoder.
 """
 

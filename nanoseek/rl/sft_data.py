@@ -4,7 +4,9 @@ Examples. Every SFT row (nanoseek/rl/data.py) becomes one token sequence `prompt
 - {"messages": [..., assistant]}: template "chat" renders every message but the last with the
   tokenizer's chat template and the generation prompt (`BOS <|User|>q<|Assistant|>`); template
   "r1_zero" renders the single user message as the R1-Zero prompt. The completion is the last
-  message's content.
+  message's content; when the template's generation prompt already opens the think block (DeepSeek-R1's ends
+  with "<think>\n"), the completion's own opening of it is dropped, so the model learns to continue inside
+  the block as it will at inference, not to open a second one.
 - {"prompt", "completion"}: raw text, the prompt after BOS (a prompt that already starts with BOS
   keeps just that one).
 Prompt and completion are encoded separately, as at inference time, where the engine continues the
@@ -35,6 +37,7 @@ import numpy as np
 import torch
 
 from ..data.dataset import IGNORE_INDEX
+from ..data.r1_format import THINK
 from ..data.tokenizer import Tokenizer
 from .data import prompt_text
 
@@ -51,6 +54,7 @@ def encode_row(row: Mapping, tokenizer: Tokenizer, template: str = "chat") -> tu
                 prompt = tokenizer.apply_chat_template(context, add_generation_prompt=True)
             except jinja2.TemplateError as e:  # e.g. the template's raise_exception on an unknown role
                 raise ValueError(f"the chat template refuses the messages: {e}") from None
+            completion = _after_prefilled_think(prompt, completion)
         else:
             if len(context) != 1 or context[0].get("role") != "user":
                 raise ValueError(f"template {template!r} needs exactly one user message before the assistant's")
@@ -58,9 +62,22 @@ def encode_row(row: Mapping, tokenizer: Tokenizer, template: str = "chat") -> tu
         prompt_ids = tokenizer.encode(prompt)
     else:
         prompt_ids, completion = tokenizer.encode(row["prompt"]), row["completion"]
-        if prompt_ids[:1] != [tokenizer.bos_id]:
-            prompt_ids = [tokenizer.bos_id, *prompt_ids]
-    return prompt_ids, [*tokenizer.encode(completion), tokenizer.eos_id]
+        bos = tokenizer.special_id("bos_token", "a prompt/completion SFT row (its prompt starts with BOS)")
+        if prompt_ids[:1] != [bos]:
+            prompt_ids = [bos, *prompt_ids]
+    eos = tokenizer.special_id("eos_token", "SFT (an EOS ends every completion)")
+    return prompt_ids, [*tokenizer.encode(completion), eos]
+
+
+def _after_prefilled_think(prompt: str, completion: str) -> str:
+    """The completion without the think-block opening that the prompt's end already wrote (R1's "<think>\\n")."""
+    if not prompt.rstrip().endswith(THINK):
+        return completion
+    prefilled = prompt[prompt.rfind(THINK):]
+    for opening in (prefilled, THINK):
+        if completion.startswith(opening):
+            return completion[len(opening):]
+    return completion
 
 
 @dataclass
@@ -78,6 +95,9 @@ class SFTExample:
 def build_examples(rows: Sequence[Mapping], tokenizer: Tokenizer, seq_len: int,
                    template: str = "chat") -> list[SFTExample]:
     """Tokenize rows into examples; truncated and dropped rows are reported in one warning."""
+    # every example ends with EOS and every batch is padded: a tokenizer that names neither fails here, once
+    tokenizer.special_id("eos_token", "SFT (an EOS ends every completion)")
+    tokenizer.special_id("pad_token", "SFT (rows are padded to the longest)")
     examples, truncated, dropped = [], 0, 0
     for i, row in enumerate(rows, 1):
         try:

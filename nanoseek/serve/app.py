@@ -20,7 +20,15 @@ Key choices:
   top_logprobs / text_offset` block over prompt + completion, the first prompt token's logprob null,
   as lm-eval's `local-completions` expects; `max_tokens=0` scores the prompt without generating.
 - Chat replies of R1 models are split into `reasoning_content` (inside <think>...</think>) and
-  `content`, incrementally while streaming.
+  `content`, incrementally while streaming; a template that opens the think block itself (R1's
+  "<think>\n" generation prompt) is accounted for. With `tools` (and `tool_choice` "auto", the default),
+  DeepSeek tool calls are parsed out of the content into `tool_calls` (nanoseek/infer/tool_calls.py), streamed as
+  OpenAI's tool-call deltas, with finish_reason "tool_calls"; tool-call tokens are then kept in the decoded
+  text (skip_special_tokens off). `tool_choice` "required" or a named function would need constrained
+  decoding and is refused (400).
+- Sampling fields a request leaves unset take the model's generation_config.json defaults
+  (`LLM.generation_defaults`, vLLM's `--generation-config auto`); a chat request without max_tokens gets its
+  max_new_tokens, capped by the context left.
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..infer.params import SamplingParams
 from ..infer.sampler import logprobs_of
 from ..infer.reasoning import ReasoningStream, prompt_opens_think, split_reasoning
+from ..infer.tool_calls import ToolCallStream, parse_tool_calls
 from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, ServerLimits, chat_logprobs,
                        describe_validation_error, error_body, join_legacy, legacy_logprobs, parse_request, read_body,
                        sse)
@@ -139,6 +148,7 @@ class _Server:
         # at least c / max_token_bytes tokens.
         self.max_token_bytes = max(len(self.tok.decode([i]).encode()) for i in range(self.tok.vocab_size)) or 1
         self.created = int(time.time())
+        self.defaults = dict(getattr(llm, "generation_defaults", None) or {})  # generation_config.json
 
     def model_card(self) -> dict:
         return {"id": self.name, "object": "model", "created": self.created, "owned_by": "nanoseek",
@@ -191,8 +201,9 @@ class _Server:
             return self.tok.encode_batch(texts)
         return [self.tok.encode(t) for t in texts]
 
-    @staticmethod
-    def _params(**kwargs) -> SamplingParams:
+    def _params(self, **kwargs) -> SamplingParams:
+        """SamplingParams of a request's fields, the generation-config defaults filling the unset ones."""
+        kwargs = {**{k: v for k, v in self.defaults.items() if k != "max_tokens"}, **kwargs}
         try:
             return SamplingParams(**kwargs)
         except (TypeError, ValueError) as e:
@@ -394,12 +405,24 @@ class _Server:
     def _render(self, req: ChatCompletionRequest) -> tuple[str, list[int]]:
         """The chat prompt text and its checked token ids (CPU work for a worker thread when the request is big)."""
         try:
-            text = self.tok.apply_chat_template(req.chat_messages(), add_generation_prompt=req.add_generation_prompt)
+            text = self.tok.apply_chat_template(req.chat_messages(), add_generation_prompt=req.add_generation_prompt,
+                                                tools=req.tool_dicts(), **(req.chat_template_kwargs or {}))
         except Exception as e:  # noqa: BLE001 - a template error is the request's fault
             raise APIError(400, f"cannot render the chat template: {e}", param="messages") from None
         ids = self._encode([text], "messages")[0]
         self._check_prompt(ids, req.max_new_tokens, "messages")
         return text, ids
+
+    @staticmethod
+    def _check_tools(req: ChatCompletionRequest) -> bool:
+        """Whether the reply is parsed for tool calls; 400 for a tool_choice this server cannot honour."""
+        choice = req.tool_choice
+        if choice is not None and choice != "none" and not req.tools:
+            raise APIError(400, "tool_choice needs tools: pass the tools the model may call.", param="tool_choice")
+        if choice == "required" or (choice is not None and not isinstance(choice, str)):
+            raise APIError(400, "tool_choice 'required' or a named function needs constrained decoding, which this "
+                           "server does not have; use 'auto' (the default) or 'none'.", param="tool_choice")
+        return bool(req.tools) and choice != "none"
 
     async def chat(self, req: ChatCompletionRequest, raw: Request, size: int):
         self._check_model(req.model)
@@ -407,10 +430,16 @@ class _Server:
         max_tokens = req.max_new_tokens
         if max_tokens == 0:
             raise APIError(400, "max_tokens must be at least 1 for chat completions.", param="max_tokens")
+        tools_on = self._check_tools(req)
         text, ids = await _off_loop(partial(self._render, req), size)
+        if max_tokens is None and "max_tokens" in self.defaults:
+            max_tokens = min(self.defaults["max_tokens"], self.max_model_len - len(ids))
         want_lp, top_n = req.logprobs, req.top_logprobs or 0
         think_opened = prompt_opens_think(text)
-        params = self._params(**req.sampling_kwargs(), max_tokens=max_tokens, logprobs=top_n if want_lp else None)
+        kwargs = req.sampling_kwargs()
+        if tools_on:  # the tool-call tokens must survive decoding even where a tokenizer marks them special
+            kwargs["skip_special_tokens"] = False
+        params = self._params(**kwargs, max_tokens=max_tokens, logprobs=top_n if want_lp else None)
         rids, q = await self._submit([ids], params, "chatcmpl")
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": self.name}
@@ -424,10 +453,16 @@ class _Server:
             choices = []
             for c in final.outputs:
                 reasoning, content = split_reasoning(c.text, think_opened)
+                message = {"role": "assistant", "content": content, "reasoning_content": reasoning}
+                finish = c.finish_reason
+                if tools_on:
+                    content, calls = parse_tool_calls(content)
+                    message["content"] = content or (None if calls else content)
+                    if calls:
+                        message["tool_calls"] = calls
+                        finish = "tool_calls" if finish == "stop" else finish
                 lp = chat_logprobs(self.tok, c.token_ids, c.logprobs, top_n) if want_lp else None
-                choices.append({"index": c.index, "message": {"role": "assistant", "content": content,
-                                                              "reasoning_content": reasoning},
-                                "logprobs": lp, "finish_reason": c.finish_reason})
+                choices.append({"index": c.index, "message": message, "logprobs": lp, "finish_reason": finish})
             return {**head, "choices": choices, "usage": usage(final)}
 
         head = {**head, "object": "chat.completion.chunk"}
@@ -439,6 +474,7 @@ class _Server:
                 yield {**head, "choices": [{"index": j, "delta": {"role": "assistant", "content": ""},
                                             "logprobs": None, "finish_reason": None}], **extra}
             splitters = [ReasoningStream(think_opened) for _ in range(req.n)]
+            tool_streams = [ToolCallStream() for _ in range(req.n)] if tools_on else None
             sent_lp = [0] * req.n
             async for out in self._events(rids, q):
                 last[0] = out
@@ -448,6 +484,14 @@ class _Server:
                     if c.finish_reason:
                         r2, c2 = splitters[c.index].finish()
                         reasoning, content = reasoning + r2, content + c2
+                    calls, finish = [], c.finish_reason
+                    if tool_streams is not None:
+                        stream = tool_streams[c.index]
+                        content, calls = stream.feed(content)
+                        if finish:
+                            c3, more = stream.finish()
+                            content, calls = content + c3, calls + more
+                            finish = "tool_calls" if finish == "stop" and stream.count else finish
                     lp = None
                     if want_lp and len(c.token_ids) > sent_lp[c.index]:
                         lp = chat_logprobs(self.tok, c.token_ids[sent_lp[c.index]:],
@@ -457,13 +501,15 @@ class _Server:
                         deltas.append({"reasoning_content": reasoning})
                     if content:
                         deltas.append({"content": content})
-                    if not deltas and (lp or c.finish_reason):
+                    if calls:
+                        deltas.append({"tool_calls": calls})
+                    if not deltas and (lp or finish):
                         deltas.append({})
                     for d, delta in enumerate(deltas):
                         is_last = d == len(deltas) - 1
                         yield {**head, "choices": [{"index": c.index, "delta": delta,
                                                     "logprobs": lp if is_last else None,
-                                                    "finish_reason": c.finish_reason if is_last else None}], **extra}
+                                                    "finish_reason": finish if is_last else None}], **extra}
 
         return self._stream(chunks(), lambda: usage(last[0]), req.include_usage, head)
 

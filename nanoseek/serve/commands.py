@@ -7,17 +7,23 @@
 
 All three drive the same LLMEngine: `generate`/`chat` step it in the foreground, `serve` hands it to
 the background EngineRunner. FastAPI and uvicorn are imported only by `serve`.
+
+The model folder may be nanoseek's or a released DeepSeek model's (its tokenizer.json, special tokens and
+chat template). Sampling flags left unset take the folder's generation_config.json values (vLLM's
+`--generation-config auto`), then the built-in defaults shown in --help.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
 from typing import Iterator
 
 _DIM, _RESET = "\x1b[2m", "\x1b[0m"
+_SAMPLING_DEFAULTS = {"temperature": 0.7, "top_p": 1.0, "top_k": -1}  # when neither a flag nor the folder sets one
 
 
 def add_parsers(sub) -> None:
@@ -32,6 +38,8 @@ def add_parsers(sub) -> None:
     _model_flags(p)
     _sampling_flags(p, max_tokens=1024)
     p.add_argument("--system", default=None, help="a system message opening the conversation")
+    p.add_argument("--chat-template-kwargs", type=_json_object, default=None, metavar="JSON",
+                   help='more chat-template variables, e.g. \'{"thinking": true}\' for DeepSeek-V3.1')
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
@@ -69,14 +77,35 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--allow-non-finite", action="store_true",
                    help="load weights holding NaN/Inf (default: refuse them, naming the tensor)")
+    p.add_argument("--keep-fp8", action="store_true",
+                   help="keep an FP8 checkpoint's weights in FP8, dequantized layer by layer (half of bf16's memory)")
+    p.add_argument("--generation-config", default="auto", metavar="auto|vllm|DIR",
+                   help="sampling defaults: 'auto' = the folder's generation_config.json (e.g. DeepSeek-R1's "
+                        "temperature 0.6, top-p 0.95), 'vllm' = none, or a folder holding one (default: auto); "
+                        "flags and request fields win over it")
 
 
 def _sampling_flags(p: argparse.ArgumentParser, max_tokens: int) -> None:
-    p.add_argument("--max-tokens", type=int, default=max_tokens, help=f"tokens to generate (default: {max_tokens})")
-    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default: 0.7)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0 = off)")
-    p.add_argument("--top-k", type=int, default=-1, help="keep the k most likely tokens (default: -1 = off)")
+    p.set_defaults(default_max_tokens=max_tokens)
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help=f"tokens to generate (default: the generation config's max_new_tokens, else {max_tokens})")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="0 = greedy (default: the generation config's, else 0.7)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="nucleus sampling mass (default: the generation config's, else 1.0 = off)")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="keep the k most likely tokens (default: the generation config's, else -1 = off)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
 
 
 def check_flags(args) -> None:
@@ -96,11 +125,17 @@ def check_flags(args) -> None:
         except RuntimeError:
             raise ValueError(f"--device {args.device!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps)") from None
     if hasattr(args, "temperature"):
-        _params(args, args.max_tokens)
+        _params(args, args.max_tokens or args.default_max_tokens, {})
+    from ..infer.llm import generation_defaults
+    try:  # a missing or invalid generation config fails here, before the model loads
+        generation_defaults(args.generation_config, args.model)
+    except FileNotFoundError as e:
+        raise ValueError(f"--generation-config {args.generation_config}: {e}") from None
 
 
-def load_llm(args, default_seqs: int):
-    """An LLM for the model folder in args (its tokenizer.json required), on args.device."""
+def load_llm(args, default_seqs: int, chat: bool = False):
+    """An LLM for the model folder in args (its tokenizer.json required), on args.device; its sampling defaults
+    from --generation-config. `chat`: the tokenizer must have a chat template (checked before the weights load)."""
     import torch
 
     from ..checkpoint import from_pretrained
@@ -110,22 +145,37 @@ def load_llm(args, default_seqs: int):
 
     check_flags(args)
     tokenizer = Tokenizer.load(args.model)
+    if chat:
+        tokenizer.require_chat_template()
     try:
         device = local_device(args.device)
     except ValueError as e:
         raise ValueError(f"--device {args.device}: {e}") from None
     model = from_pretrained(args.model, dtype=getattr(torch, args.dtype) if args.dtype else None, device=device,
-                            allow_non_finite=args.allow_non_finite)
+                            allow_non_finite=args.allow_non_finite, keep_fp8=args.keep_fp8)
     seqs = default_seqs if args.max_num_seqs is None else args.max_num_seqs
+    generation_config = args.generation_config
+    if generation_config == "auto":  # the model object carries no folder: name it
+        generation_config = args.model if os.path.isfile(os.path.join(args.model, "generation_config.json")) else "vllm"
     return LLM(model, tokenizer, max_num_seqs=seqs, max_model_len=args.max_model_len,
-               speculative=args.speculative or False, compile=args.compile)
+               speculative=args.speculative or False, compile=args.compile, generation_config=generation_config)
 
 
-def _params(args, max_tokens: int):
+def _params(args, max_tokens: int, defaults: dict):
+    """SamplingParams from the flags; an unset flag takes `defaults` (the generation config), then
+    _SAMPLING_DEFAULTS."""
     from ..infer.params import SamplingParams
 
-    return SamplingParams(max_tokens=max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                          seed=args.seed)
+    chosen = {k: getattr(args, k) if getattr(args, k) is not None else defaults.get(k, _SAMPLING_DEFAULTS[k])
+              for k in _SAMPLING_DEFAULTS}
+    return SamplingParams(max_tokens=max_tokens, seed=args.seed, **chosen)
+
+
+def _max_tokens(args, llm) -> int:
+    """--max-tokens, else the generation config's max_new_tokens, else the command's default."""
+    if args.max_tokens is not None:
+        return args.max_tokens
+    return llm.generation_defaults.get("max_tokens", args.default_max_tokens)
 
 
 def stream_request(engine, request_id: str, ids: list[int], params) -> Iterator:
@@ -152,12 +202,12 @@ def cmd_generate(args) -> None:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     ids = llm.tokenizer.encode(prompt)
     engine = llm.llm_engine
-    max_tokens = min(args.max_tokens, engine.max_model_len - len(ids))
+    max_tokens = min(_max_tokens(args, llm), engine.max_model_len - len(ids))
     if max_tokens < 1:
         raise ValueError(f"the prompt ({len(ids)} tokens) leaves no room in max_model_len={engine.max_model_len} "
                          "(--max-model-len)")
     t0, out = time.perf_counter(), None
-    for out in stream_request(engine, "generate", ids, _params(args, max_tokens)):
+    for out in stream_request(engine, "generate", ids, _params(args, max_tokens, llm.generation_defaults)):
         sys.stdout.write(out.delta_text)
         sys.stdout.flush()
     dt = time.perf_counter() - t0
@@ -172,8 +222,9 @@ def cmd_chat(args) -> None:
     """A REPL: each stdin line is a user turn; /reset forgets the conversation, /exit (or EOF) quits."""
     from ..infer.reasoning import ReasoningStream, prompt_opens_think
 
-    llm = load_llm(args, default_seqs=1)
+    llm = load_llm(args, default_seqs=1, chat=True)
     tok, engine = llm.tokenizer, llm.llm_engine
+    max_tokens, template_kwargs = _max_tokens(args, llm), args.chat_template_kwargs or {}
     tty_in, tty_out = sys.stdin.isatty(), sys.stdout.isatty()
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict[str, str]] = []
@@ -198,10 +249,10 @@ def cmd_chat(args) -> None:
             continue
         history.append({"role": "user", "content": line})
         while True:  # drop the oldest turns until the prompt leaves room for a reply
-            text = tok.apply_chat_template(system + history, add_generation_prompt=True)
+            text = tok.apply_chat_template(system + history, add_generation_prompt=True, **template_kwargs)
             ids = tok.encode(text)
             room = engine.max_model_len - len(ids)
-            if room >= min(args.max_tokens, 16) or len(history) <= 1:
+            if room >= min(max_tokens, 16) or len(history) <= 1:
                 break
             del history[:2]
         if room < 1:
@@ -211,7 +262,8 @@ def cmd_chat(args) -> None:
         splitter, in_reasoning, content = ReasoningStream(prompt_opens_think(text)), False, []
         turn += 1
         try:
-            for out in stream_request(engine, f"chat-{turn}", ids, _params(args, min(args.max_tokens, room))):
+            params = _params(args, min(max_tokens, room), llm.generation_defaults)
+            for out in stream_request(engine, f"chat-{turn}", ids, params):
                 r, c = splitter.feed(out.delta_text)
                 if out.finish_reason:
                     r2, c2 = splitter.finish()

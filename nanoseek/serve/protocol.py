@@ -9,7 +9,11 @@ Key choices:
   Content-Length and again while it streams in, and every JSON failure (not UTF-8, invalid, too
   deeply nested, a 5000-digit number) is a 4xx.
 - Every string the server uses is `Text`: a lone UTF-16 surrogate (JSON's "\\ud800" escape parses to
-  one; no tokenizer or UTF-8 encoder accepts it) is a 400 naming its field.
+  one; no tokenizer or UTF-8 encoder accepts it) is a 400 naming its field. Free-form JSON the server passes
+  to the chat template (tool `parameters`, `chat_template_kwargs`) is held to the same rules throughout:
+  surrogate-free strings and keys, finite numbers.
+- Chat requests carry OpenAI's `tools` / `tool_choice`, messages with `tool_calls`, `tool` results and
+  `reasoning_content`, and vLLM's `chat_template_kwargs` (e.g. {"thinking": true} for DeepSeek-V3.1).
 - ServerLimits holds the policies a request is held to (body size, stop lists), with the defaults of
   vLLM and the OpenAI API.
 - Besides OpenAI's fields, the vLLM sampling extras that RL and eval clients send through
@@ -24,6 +28,7 @@ Key choices:
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, fields
 from typing import Annotated, Any, Literal
@@ -66,6 +71,35 @@ def _unicode(s: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(_unicode)]  # every string of a request that the server uses
+
+
+def _json_value(value):
+    """Free-form JSON (walked without recursion, however deep): Text strings and keys, finite numbers."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            _unicode(v)
+        elif isinstance(v, float) and not math.isfinite(v):
+            raise ValueError("numbers must be finite (no NaN or Infinity)")
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                _unicode(k)
+                stack.append(x)
+        elif isinstance(v, list):
+            stack.extend(v)
+    return value
+
+
+JSONObject = Annotated[dict[str, Any], AfterValidator(_json_value)]
+_RESERVED_TEMPLATE_VARIABLES = ("messages", "tools", "documents", "add_generation_prompt")
+
+
+def _template_kwargs(kwargs: dict) -> dict:
+    taken = [k for k in _RESERVED_TEMPLATE_VARIABLES if k in kwargs]
+    if taken:
+        raise ValueError(f"{taken} are set by the request itself, not through chat_template_kwargs")
+    return kwargs
 
 
 class StreamOptions(BaseModel):
@@ -126,15 +160,69 @@ class TextPart(BaseModel):
     text: Text
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: Text
+    arguments: Text
+
+
+class ToolCallParam(BaseModel):
+    """A call in an earlier assistant message (OpenAI's shape; `arguments` is a JSON string)."""
+
+    model_config = ConfigDict(extra="ignore")
+    id: Text | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: Text = Field(min_length=1)
+    description: Text | None = None
+    parameters: JSONObject | None = None
+    strict: bool | None = None
+
+
+class ToolDefinition(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class ToolName(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: Text
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"] = "function"
+    function: ToolName
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[TextPart] | None = None
+    name: Text | None = None
+    tool_calls: list[ToolCallParam] | None = None
+    tool_call_id: Text | None = None
+    reasoning_content: Text | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(p.text for p in self.content)
         return self.content or ""
+
+    def for_template(self) -> dict[str, Any]:
+        """The message as the chat template sees it (a `developer` message is a system message)."""
+        out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump(exclude_none=True) for c in self.tool_calls]
+        for key in ("tool_call_id", "name", "reasoning_content"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        return out
 
 
 class ChatCompletionRequest(_SamplingRequest):
@@ -146,14 +234,21 @@ class ChatCompletionRequest(_SamplingRequest):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     add_generation_prompt: bool = True
+    tools: list[ToolDefinition] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    chat_template_kwargs: Annotated[JSONObject, AfterValidator(_template_kwargs)] | None = None
 
     @property
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
-    def chat_messages(self) -> list[dict[str, str]]:
+    def chat_messages(self) -> list[dict[str, Any]]:
         """Messages for the chat template (a `developer` message is a system message)."""
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+        return [m.for_template() for m in self.messages]
+
+    def tool_dicts(self) -> list[dict] | None:
+        """The tools as the chat template sees them (fields the client left out stay out)."""
+        return None if self.tools is None else [t.model_dump(exclude_none=True) for t in self.tools]
 
 
 # ---- reading a request -------------------------------------------------------------------------------
