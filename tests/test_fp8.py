@@ -14,7 +14,6 @@ from nanoseek.fp8.convert import FP8Config, convert_to_fp8
 from nanoseek.fp8.experts import FP8Experts
 from nanoseek.fp8.gemm import fp8_mm
 from nanoseek.fp8.linear import FP8Linear, fp8_linear
-from nanoseek.model.moe import Experts
 
 E4M3_MAX = 448.0
 # E4M3 keeps 3 mantissa bits: a value is rounded within half a unit in the last place, 2^-4 of it. A product of
@@ -166,3 +165,57 @@ def test_fp8_export_with_power_of_two_scales_loads_back(tmp_path):
     for name, t in model.state_dict().items():
         if t.abs().sum() > 0:                               # (the routing biases start at zero)
             assert rel(back.state_dict()[name], t) < 2 ** -4, name
+
+
+def test_fp8_weights_kept_for_inference_decode_like_the_dequantized_model(tmp_path):
+    """FP8 weights kept (dequantized layer by layer) give the fully dequantized model's logits and greedy tokens,
+    in the absorbed-MLA cached decode too, and hold the projections and experts in FP8 (a quarter of fp32)."""
+    from nanoseek.fp8.weights import FP8WeightExperts, FP8WeightLinear
+    from nanoseek.infer.generate import greedy_generate
+    cfg = nanoseek.ModelConfig.preset("tiny")
+    nanoseek.save_pretrained(nanoseek.build_model(cfg, seed=0), tmp_path, fp8=True)
+    full = nanoseek.from_pretrained(tmp_path)
+    kept = nanoseek.from_pretrained(tmp_path, keep_fp8=True)
+    kinds = {name: type(m) for name, m in kept.named_modules()}
+    assert kinds["model.layers.0.self_attn.kv_b_proj"] is FP8WeightLinear
+    assert kinds["model.layers.1.mlp.experts"] is FP8WeightExperts and kinds["lm_head"] is torch.nn.Linear
+    state = kept.state_dict()
+    assert state["model.layers.1.mlp.experts.gate_up_proj"].dtype == torch.float8_e4m3fn
+    assert "model.layers.0.self_attn.kv_b_proj.weight_scale_inv" in state
+    fp8_bytes = sum(t.nbytes for t in state.values() if t.dtype == torch.float8_e4m3fn)
+    full_bytes = sum(full.state_dict()[k].nbytes for k, t in state.items() if t.dtype == torch.float8_e4m3fn)
+    assert fp8_bytes * 4 == full_bytes
+    ids = torch.randint(0, cfg.vocab_size, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(kept(ids), full(ids))
+    for prompts in (ids, ids[:1]):                                    # batched, and the one-token decode path
+        assert torch.equal(greedy_generate(kept, prompts, 12), greedy_generate(full, prompts, 12))
+
+
+def test_fp8_weights_with_a_nan_are_refused_by_name(tmp_path):
+    from safetensors.torch import load_file, save_file
+    nanoseek.save_pretrained(nanoseek.build_model(nanoseek.ModelConfig.preset("tiny"), seed=0), tmp_path, fp8=True)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    name = "model.layers.0.self_attn.o_proj.weight"
+    tensors[name].view(torch.uint8)[0, 0] = 0x7F                      # E4M3FN's NaN
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(nanoseek.CheckpointError, match=name.replace(".", r"\.") + r" .* 1 NaN"):
+        nanoseek.from_pretrained(tmp_path, keep_fp8=True)
+
+
+def test_llm_and_the_cli_serve_an_fp8_checkpoint_with_fp8_weights_kept(tmp_path, capsys):
+    from nanoseek.cli import main as cli_main
+    from nanoseek.data.tokenizer import train_tokenizer
+    from nanoseek.fp8.weights import FP8WeightLinear
+    tok = train_tokenizer(["the cat sat on the mat. " * 20], vocab_size=300)
+    cfg = nanoseek.ModelConfig.preset("tiny", vocab_size=tok.vocab_size)
+    nanoseek.save_pretrained(nanoseek.build_model(cfg, seed=0), tmp_path, fp8=True)
+    tok.save(str(tmp_path))
+    params = nanoseek.SamplingParams(temperature=0, max_tokens=8)
+    kept = nanoseek.LLM(tmp_path, keep_fp8=True)
+    assert isinstance(kept.model.model.layers[0].self_attn.o_proj, FP8WeightLinear)
+    want = nanoseek.LLM(tmp_path).generate(["the cat"], params)[0].outputs[0].token_ids
+    assert kept.generate(["the cat"], params)[0].outputs[0].token_ids == want
+    assert cli_main(["generate", str(tmp_path), "--prompt", "the cat", "--max-tokens", "8", "--temperature", "0",
+                     "--keep-fp8"]) in (0, None)
+    assert capsys.readouterr().out.strip()

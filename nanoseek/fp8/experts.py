@@ -17,9 +17,15 @@ from .block import block_dequantize, block_quantize
 from .tile import tile_dequantize, tile_quantize
 
 
-def _blocks(w_EOI: torch.Tensor, scale_fmt) -> torch.Tensor:
-    """Every expert's weight quantized in 128x128 blocks and dequantized (fp32)."""
-    return torch.stack([block_dequantize(*block_quantize(w, scale_fmt=scale_fmt)) for w in w_EOI])
+def _blocks(w_EOI: torch.Tensor, scale_fmt) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every expert's weight in 128x128 blocks: FP8 (E, O, I) and scales (E, ceil(O/128), ceil(I/128))."""
+    q, s = zip(*(block_quantize(w, scale_fmt=scale_fmt) for w in w_EOI))
+    with torch.autocast(w_EOI.device.type, enabled=False):  # autocast's stack has no FP8 rule
+        return torch.stack(q), torch.stack(s)
+
+
+def _dequantized(q_EOI: torch.Tensor, s_EOI: torch.Tensor) -> torch.Tensor:
+    return torch.stack([block_dequantize(q, s) for q, s in zip(q_EOI, s_EOI)])
 
 
 def _tiles(x: torch.Tensor, scale_fmt) -> torch.Tensor:
@@ -27,26 +33,26 @@ def _tiles(x: torch.Tensor, scale_fmt) -> torch.Tensor:
 
 
 class _FP8GroupedLinear(torch.autograd.Function):
-    """y_S = x_S W_e(S)^T for rows grouped by expert (offsets_E: each group's end)."""
+    """y_S = x_S W_e(S)^T for rows grouped by expert (offsets_E: each group's end). What the backward keeps is FP8:
+    the weights' blocks and x tiled along the tokens of each expert (the weight gradient's inner dimension)."""
 
     @staticmethod
     def forward(ctx, x_SI, w_EOI, offsets_E, scale_fmt):
-        w = _blocks(w_EOI, scale_fmt)
-        y = torch._grouped_mm(_tiles(x_SI, scale_fmt), w.transpose(1, 2), offs=offsets_E).to(x_SI.dtype)
-        # keep x in FP8, tiled along the tokens of each expert (the weight gradient's inner dimension)
-        starts = [0] + offsets_E.tolist()[:-1]
-        kept = [tile_quantize(x_SI[a:b].t(), scale_fmt=scale_fmt) for a, b in zip(starts, offsets_E.tolist())]
-        ctx.save_for_backward(w, offsets_E)
-        ctx.kept, ctx.scale_fmt, ctx.dtype, ctx.w_dtype = kept, scale_fmt, x_SI.dtype, w_EOI.dtype
-        return y
+        w_q, w_s = _blocks(w_EOI, scale_fmt)
+        y = torch._grouped_mm(_tiles(x_SI, scale_fmt), _dequantized(w_q, w_s).transpose(1, 2), offs=offsets_E)
+        ends = offsets_E.tolist()
+        kept = [t for a, b in zip([0] + ends[:-1], ends) for t in tile_quantize(x_SI[a:b].t(), scale_fmt=scale_fmt)]
+        ctx.save_for_backward(w_q, w_s, offsets_E, *kept)
+        ctx.scale_fmt, ctx.dtype, ctx.w_dtype = scale_fmt, x_SI.dtype, w_EOI.dtype
+        return y.to(x_SI.dtype)
 
     @staticmethod
     def backward(ctx, grad_SO):
-        w, offsets_E = ctx.saved_tensors
-        dx = torch._grouped_mm(_tiles(grad_SO, ctx.scale_fmt), w, offs=offsets_E).to(ctx.dtype)
-        starts = [0] + offsets_E.tolist()[:-1]
-        dw = torch.stack([_tiles(grad_SO[a:b].t(), ctx.scale_fmt) @ tile_dequantize(*xt).t()
-                          for a, b, xt in zip(starts, offsets_E.tolist(), ctx.kept)])
+        w_q, w_s, offsets_E, *kept = ctx.saved_tensors
+        dx = torch._grouped_mm(_tiles(grad_SO, ctx.scale_fmt), _dequantized(w_q, w_s), offs=offsets_E).to(ctx.dtype)
+        ends = offsets_E.tolist()
+        dw = torch.stack([_tiles(grad_SO[a:b].t(), ctx.scale_fmt) @ tile_dequantize(xt_q, xt_s).t()
+                          for a, b, xt_q, xt_s in zip([0] + ends[:-1], ends, kept[0::2], kept[1::2])])
         return dx, dw.to(ctx.w_dtype), None, None
 
 

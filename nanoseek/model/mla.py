@@ -298,10 +298,12 @@ class MLA(nn.Module):
         Rebuilt when a source weight is replaced or updated in place (its data pointer or version moves)."""
         if torch.compiler.is_compiling():  # refreshed before the compiled forward (Transformer.hidden_states)
             return self._folded[1], self._folded[2]
-        w_qb = self.q_b_proj.weight if self.q_lora else self.q_proj.weight
-        sources = (w_qb, self.kv_b_proj.weight, self.o_proj.weight)
-        key = tuple((w.data_ptr(), w._version, w.dtype) for w in sources)
+        q_proj = self.q_b_proj if self.q_lora else self.q_proj
+        # the stored tensors, not `.weight`: a layer may compute its weight on access (FP8 weights kept)
+        stored = [t for m in (q_proj, self.kv_b_proj, self.o_proj) for t in (*m.parameters(False), *m.buffers(False))]
+        key = tuple((t.data_ptr(), t._version, t.dtype) for t in stored)
         if self._folded is None or self._folded[0] != key:
+            w_qb = q_proj.weight
             H, N, R, C, V = self.n_heads, self.nope, self.rope, self.kv_rank, self.v_dim
             # ordinary tensors even if called in inference mode: they outlive it (copies, later no_grad use)
             with torch.inference_mode(False), torch.no_grad():

@@ -1,0 +1,100 @@
+"""FP8 weights kept for inference: a released checkpoint's block-scaled projection and expert weights stay in
+float8_e4m3fn with their 128x128 `weight_scale_inv` (a quarter of fp32's memory, half of bf16's) and are
+dequantized layer by layer as the forward reaches them (docs/design/fp8.md).
+
+`keep_fp8_weights(model, state)` turns the modules whose entries in `state` come with a scale into FP8WeightLinear
+or FP8WeightExperts; `nanoseek.from_pretrained(dir, keep_fp8=True)` calls it on the meta-built model before it
+assigns the state. The state dict keeps the checkpoint's names: `<linear>.weight` (FP8) and
+`<linear>.weight_scale_inv`; for the stacked experts `gate_up_proj`, `gate_up_proj_scale_inv` (the gate's and the
+up projection's scale grids one after the other, as each was quantized on its own) and likewise `down_proj`.
+
+Reading `.weight` (or `.gate_up_proj`, `.down_proj`) returns the dequantized weight in the compute dtype, so code
+that uses a linear layer's weight directly (the absorbed MLA's folded weights) sees the same values a fully
+dequantized model holds: greedy decoding is identical. Don't cast such a model with `.to(dtype)`: the FP8 buffers
+would be cast without their scales.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..model.moe import Experts, grouped_swiglu
+from .block import block_dequantize
+
+SCALE = "_scale_inv"
+
+
+class FP8WeightLinear(nn.Linear):
+    """A bias-free linear layer whose weight is stored in FP8 with 128x128 block scales (buffers `weight`,
+    `weight_scale_inv`); `.weight` is the dequantized weight in `weight_dtype`."""
+
+    weight_dtype: torch.dtype = torch.float32
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return block_dequantize(self._buffers["weight"], self._buffers["weight_scale_inv"], dtype=self.weight_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+def _dequantize_parts(q_EOI: torch.Tensor, s_EOI: torch.Tensor, parts: int, dtype: torch.dtype) -> torch.Tensor:
+    """Stacked expert weights (E', O, I) from FP8 and scale grids whose `parts` row ranges were quantized apart."""
+    out = []
+    for q, s in zip(q_EOI, s_EOI):
+        qs, ss = q.chunk(parts, dim=0), s.chunk(parts, dim=0)
+        out.append(torch.cat([block_dequantize(qp, sp, dtype=dtype) for qp, sp in zip(qs, ss)]))
+    return torch.stack(out) if out else q_EOI.new_empty(q_EOI.shape, dtype=dtype)
+
+
+class FP8WeightExperts(Experts):
+    """Routed experts stored in FP8; each forward dequantizes only the experts that received tokens."""
+
+    weight_dtype: torch.dtype = torch.float32
+
+    @property
+    def gate_up_proj(self) -> torch.Tensor:
+        return _dequantize_parts(self._buffers["gate_up_proj"], self._buffers["gate_up_proj" + SCALE], 2,
+                                 self.weight_dtype)
+
+    @property
+    def down_proj(self) -> torch.Tensor:
+        return _dequantize_parts(self._buffers["down_proj"], self._buffers["down_proj" + SCALE], 1,
+                                 self.weight_dtype)
+
+    def forward(self, x_SD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        active = counts_E.nonzero().flatten()
+        w13 = _dequantize_parts(self._buffers["gate_up_proj"][active], self._buffers["gate_up_proj" + SCALE][active],
+                                2, x_SD.dtype)
+        w2 = _dequantize_parts(self._buffers["down_proj"][active], self._buffers["down_proj" + SCALE][active], 1,
+                               x_SD.dtype)
+        return grouped_swiglu(x_SD, counts_E[active].cumsum(0).to(torch.int32), w13, w2)
+
+
+def _as_buffers(module: nn.Module, names: tuple[str, ...], state: dict, prefix: str) -> None:
+    for name in names:  # straight into _buffers: register_buffer would read the dequantizing property first
+        del module._parameters[name]
+        module._buffers[name] = state[prefix + name]
+        module._buffers[name + SCALE] = state[prefix + name + SCALE]
+
+
+def keep_fp8_weights(model: nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype) -> int:
+    """Make every bias-free nn.Linear and Experts module of `model` whose weights in `state` have a scale entry
+    hold them in FP8 (the tensors of `state`, registered as buffers; `dtype` is what they dequantize to).
+    Returns how many modules were converted."""
+    converted = 0
+    for name, module in model.named_modules():
+        prefix = name + "." if name else ""
+        if type(module) is nn.Linear and prefix + "weight" + SCALE in state and module.bias is None:
+            module.__class__ = FP8WeightLinear
+            _as_buffers(module, ("weight",), state, prefix)
+        elif type(module) is Experts and prefix + "gate_up_proj" + SCALE in state:
+            module.__class__ = FP8WeightExperts
+            _as_buffers(module, ("gate_up_proj", "down_proj"), state, prefix)
+        else:
+            continue
+        module.weight_dtype = dtype
+        converted += 1
+    return converted
