@@ -22,6 +22,7 @@ import torch
 from .checkpoint import CheckpointError, from_pretrained, save_pretrained
 from .config import ConfigError, ModelConfig, PRESETS
 from .dist.mesh import PP_SCHEDULES
+from .machine import PRECISIONS, machine_profile
 from .runtime import is_main_process
 from .model import build_model
 
@@ -49,7 +50,10 @@ def _load(args) -> tuple[ModelConfig, torch.nn.Module | None]:
 
 
 def cmd_info(args) -> None:
-    """Print a config's shape, parameter counts and KV-cache bytes per token."""
+    """Print a config's shape, parameter counts and KV-cache bytes per token (or, --machine, the precision probe)."""
+    if args.machine:
+        print(machine_profile(remeasure=args.remeasure).describe())
+        return
     cfg, model = _load(args)
     if model is None:
         model = build_model(cfg, device="meta")
@@ -164,8 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", nargs="*", default=None,
                    help="local .txt/.jsonl/.parquet files or folders (default: the embedded task corpus)")
     p.add_argument("--tokenizer", default=None, help="an existing tokenizer folder (default: train one)")
-    p.add_argument("--precision", default=None, choices=["float32", "bf16", "fp8"],
-                   help="default: float32; fp8: DeepSeek-V3's FP8 recipe (docs/design/fp8.md)")
+    p.add_argument("--precision", default=None, choices=PRECISIONS,
+                   help="default: float32; auto: bf16 where this machine's bf16 GEMMs are faster (nanoseek info "
+                        "--machine); fp8: DeepSeek-V3's FP8 recipe (docs/design/fp8.md)")
     p.add_argument("--balance", default=None, choices=["aux_free", "aux_loss", "none"],
                    help="expert balancing (default: aux_free)")
     p.add_argument("--init-from", default=None,
@@ -198,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="an HF-format checkpoint folder (overrides --preset)")
     p.add_argument("--allow-non-finite", action="store_true",
                    help="load weights holding NaN/Inf (default: refuse them, naming the tensor)")
+    p.add_argument("--machine", action="store_true",
+                   help="instead: this machine's fp32/bf16 GEMM rates and what --precision auto picks")
+    p.add_argument("--remeasure", action="store_true", help="with --machine: measure again, not from the cache")
     p.set_defaults(func=cmd_info)
 
     # generate, chat, serve: nanoseek/serve/commands.py (FastAPI/uvicorn imported only by serve)

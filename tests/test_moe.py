@@ -68,7 +68,7 @@ def test_dispatch_experts_combine_equal_a_per_expert_loop_forward_and_backward(a
     w = torch.rand(N, K, generator=g).requires_grad_()
     probe = torch.randn(N, 24, generator=g)
 
-    x_SD, order, token = dispatch(x, idx, experts.compute_dtype(x))
+    x_SD, order, token = dispatch(x, idx, x.dtype)
     assert torch.equal(idx.flatten()[order], idx.flatten().sort(stable=True).values)   # rows grouped by expert
     assert torch.equal(x_SD, x.detach()[token])
     y = combine(experts(x_SD, counts), w, order, token)

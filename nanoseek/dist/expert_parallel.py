@@ -25,7 +25,7 @@ from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from ..config import ConfigError
-from ..model.moe import Experts, expert_dtype, grouped_swiglu
+from ..model.moe import Experts, grouped_swiglu
 
 
 class ExpertParallelExperts(nn.Module):
@@ -38,9 +38,6 @@ class ExpertParallelExperts(nn.Module):
         self.n_experts = experts.gate_up_proj.shape[0]
         self.gate_up_proj = nn.Parameter(distribute_tensor(experts.gate_up_proj.data, ep_mesh, [Shard(0)]))
         self.down_proj = nn.Parameter(distribute_tensor(experts.down_proj.data, ep_mesh, [Shard(0)]))
-
-    def compute_dtype(self, x: torch.Tensor) -> torch.dtype:
-        return expert_dtype(x, self.down_proj)
 
     def forward(self, x_SD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         ep, local = self.ep, self.n_experts // self.ep

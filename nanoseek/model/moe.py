@@ -94,21 +94,17 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, D))
         self.down_proj = nn.Parameter(torch.empty(E, D, I))
 
-    def compute_dtype(self, x: torch.Tensor) -> torch.dtype:
-        """The dtype the tokens are dispatched and multiplied in (see expert_dtype)."""
-        return expert_dtype(x, self.down_proj)
-
     def forward(self, x_SD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """x_SD: token rows sorted by expert, counts_E[e] of them for expert e; returns FFN_e(x) per row."""
         return grouped_swiglu(x_SD, counts_E.cumsum(0).to(torch.int32), self.gate_up_proj, self.down_proj)
 
 
-def expert_dtype(x: torch.Tensor, w: torch.Tensor) -> torch.dtype:
-    """grouped_mm is not autocast-aware. On CUDA follow autocast (bf16 GEMMs are the fast path there); on CPU
-    keep the weights' dtype: without AMX, bf16 GEMMs run slower than fp32 ones (benchmarks/README.md, "Figures
-    cited from code")."""
+def expert_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype of the routed experts' GEMMs: grouped_mm is not autocast-aware, so follow autocast by hand (the
+    experts are most of the FLOPs; whether bf16 pays on a CPU is the precision choice's job, nanoseek/machine.py),
+    else the activations' dtype."""
     if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type) if x.is_cuda else w.dtype
+        return torch.get_autocast_dtype(x.device.type)
     return x.dtype
 
 
@@ -135,7 +131,7 @@ def combine(y_SD: torch.Tensor, w_NK: torch.Tensor, order_S: torch.Tensor, token
 
 def _grouped(x_ND, w_NK, idx_NK, counts_E, w13, w2) -> torch.Tensor:
     """dispatch -> grouped_swiglu -> combine on explicit weights (the compiled decode's opaque op)."""
-    x_SD, order_S, token_S = dispatch(x_ND, idx_NK, expert_dtype(x_ND, w2))
+    x_SD, order_S, token_S = dispatch(x_ND, idx_NK, expert_dtype(x_ND))
     return combine(grouped_swiglu(x_SD, counts_E.cumsum(0).to(torch.int32), w13, w2), w_NK, order_S, token_S)
 
 
@@ -221,13 +217,13 @@ class MoE(nn.Module):
         overhead, so gathering wins for a few tokens only (the 4E threshold was tuned on the small preset with
         benchmarks/bench_decode.py); inductor has no fp32 grouped_mm on CPU, hence the opaque op.
         """
-        w13, w2 = self.experts.gate_up_proj, self.experts.down_proj
         if not torch.is_grad_enabled() and type(self.experts) is Experts:
+            w13, w2 = self.experts.gate_up_proj, self.experts.down_proj
             if torch.compiler.is_compiling():
                 if idx_NK.numel() <= 4 * self.n_experts:
                     return _gathered(x_ND, w_NK, idx_NK, w13, w2)
                 return torch.ops.nanoseek.routed_experts(x_ND, w_NK, idx_NK, w13, w2)
             if x_ND.shape[0] == 1 and not x_ND.is_cuda:
                 return _one_token(x_ND, w_NK, idx_NK, w13, w2)
-        x_SD, order_S, token_S = dispatch(x_ND, idx_NK, self.experts.compute_dtype(x_ND))
+        x_SD, order_S, token_S = dispatch(x_ND, idx_NK, expert_dtype(x_ND))
         return combine(self.experts(x_SD, counts_E), w_NK, order_S, token_S)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 
+from ..machine import PRECISIONS
+
 
 def add_parsers(sub) -> None:
     p = sub.add_parser("sample", help="rejection sampling: k samples per problem, keep correct ones as SFT data")
@@ -45,6 +47,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--preset", default=None, help="teacher model preset (default: small)")
     p.add_argument("--seed", type=int, default=None, help="seed of every stage (default: 0)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--precision", default=None, choices=PRECISIONS,
+                   help="pretraining/SFT/distillation precision (default: float32; auto: bf16 where faster here)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
     p.set_defaults(func=cmd_r1)
 
@@ -124,6 +128,7 @@ def cmd_eval(args) -> None:
 def cmd_r1(args) -> None:
     from .pipeline import R1Config, R1Pipeline
 
-    cfg = R1Config.load(args.config, scale=args.scale, preset=args.preset, seed=args.seed, threads=args.threads)
+    cfg = R1Config.load(args.config, scale=args.scale, preset=args.preset, seed=args.seed, threads=args.threads,
+                        precision=args.precision)
     report = R1Pipeline(cfg, args.out, progress=not args.no_progress).run(args.stages)
     print(f"done in {report['total_seconds'] / 60:.1f} min: {args.out}/report.md and report.json")

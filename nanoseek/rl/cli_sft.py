@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..machine import PRECISIONS
+
 
 def add_parsers(sub) -> None:
     """Register the sft and distill sub-commands on an argparse sub-parsers object."""
@@ -51,6 +53,8 @@ def _common_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-every", type=int, default=None, help="steps between checkpoints (default: 100)")
     p.add_argument("--seed", type=int, default=None, help="data order / student init seed (default: 0)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--precision", default=None, choices=PRECISIONS,
+                   help="default: float32; auto: bf16 where this machine's bf16 GEMMs are faster; fp8")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
 
@@ -59,7 +63,8 @@ def _overrides(args) -> dict:
     return dict(data=args.data, template=args.template, seq_len=args.seq_len, batch_size=args.batch_size,
                 grad_accum=args.grad_accum, epochs=args.epochs, max_steps=args.max_steps, lr=args.lr,
                 mtp_lambda=args.mtp_lambda, packing=False if args.no_packing else None,
-                max_examples=args.max_examples, save_every=args.save_every, seed=args.seed, threads=args.threads)
+                max_examples=args.max_examples, save_every=args.save_every, seed=args.seed, threads=args.threads,
+                precision=args.precision)
 
 
 def _report(trainer, last: dict, out: str) -> None:

@@ -37,6 +37,7 @@ from ..config import ConfigError, read_config_file
 from ..data.corpus import drill_documents
 from ..data.r1_format import r1_document
 from ..data.tokenizer import Tokenizer
+from ..machine import PRECISIONS
 from .data import cold_start_rows, read_rows, task_examples, write_rows
 from .evaluate import EvalConfig, evaluate
 from .report import write_json, write_report
@@ -73,6 +74,9 @@ class R1Config:
         eval_problems: held-out problems per task.
         eval: EvalConfig overrides (k, temperature, top_p, max_new_tokens).
         threads: torch CPU threads (0: torch's default).
+        precision: precision of the pretraining, SFT and distillation stages ("float32", "bf16", "fp8" or "auto":
+            bf16 where this machine's bf16 GEMMs are faster; nanoseek/machine.py); a stage's own `precision` wins.
+            The RL stages compute in fp32.
     """
 
     tasks: list[str] = field(default_factory=lambda: ["arithmetic", "countdown", "linear"])
@@ -112,8 +116,11 @@ class R1Config:
     eval_problems: int = 50
     eval: dict = field(default_factory=lambda: {"k": 4, "max_new_tokens": 256})
     threads: int = 0
+    precision: str = "float32"
 
     def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"R1Config.precision must be one of {PRECISIONS}, got {self.precision!r}")
         if not self.tasks:
             raise ConfigError("R1Config.tasks must name at least one task")
         if not self.scale > 0:
@@ -238,7 +245,8 @@ class R1Pipeline:
         from ..train import TrainConfig, Trainer
         from ..train.state import list_checkpoints
 
-        values = {"preset": self.cfg.preset, "seed": self.cfg.seed, "data": [self._corpus()], **overrides}
+        values = {"preset": self.cfg.preset, "seed": self.cfg.seed, "precision": self.cfg.precision,
+                  "data": [self._corpus()], **overrides}
         values["max_steps"] = self.cfg.n(values.get("max_steps", 200))
         if tokenizer:
             values["tokenizer"] = tokenizer
@@ -257,7 +265,7 @@ class R1Pipeline:
     def _sft(self, stage: str, init: str, data: list[str], overrides: dict) -> tuple[str, str, dict]:
         from .sft import SFTConfig, SFTTrainer
 
-        values = {"seed": self.cfg.seed, **overrides, "data": data}
+        values = {"seed": self.cfg.seed, "precision": self.cfg.precision, **overrides, "data": data}
         if values.get("max_steps"):
             values["max_steps"] = self.cfg.n(values["max_steps"])
         trainer = SFTTrainer(SFTConfig(**values), init, self._dir(stage), resume=self._started(stage), progress=self.progress)
@@ -317,8 +325,8 @@ class R1Pipeline:
     def _stage_distill(self):
         from .distill import DistillConfig, distill
 
-        values = {"seed": self.cfg.seed, **self.cfg.distill, "data": self._distill_data(),
-                  "student_init": self.model_of("student_pretrain")}
+        values = {"seed": self.cfg.seed, "precision": self.cfg.precision, **self.cfg.distill,
+                  "data": self._distill_data(), "student_init": self.model_of("student_pretrain")}
         last = distill(DistillConfig(**values), self._dir("distill"), resume=self._started("distill"), progress=self.progress)
         return os.path.join(self._dir("distill"), "model"), "chat", {"final_loss": last.get("loss")}
 

@@ -28,8 +28,9 @@ import torch.nn.functional as F
 from ..checkpoint import from_pretrained
 from ..config import ConfigError, Validator, load_config
 from ..data.dataset import IGNORE_INDEX
-from ..fp8.convert import convert_to_fp8
 from ..data.tokenizer import TOKENIZER_FILE, Tokenizer
+from ..fp8.convert import convert_to_fp8
+from ..machine import PRECISIONS
 from ..runtime import is_main_process
 from ..train.metrics import write_plots
 from ..train.run import TrainingRun
@@ -66,7 +67,8 @@ class SFTConfig:
             the MTP modules only serve speculative decoding and cost a block forward/backward each per
             step. They are kept unchanged in the output (>0, e.g. 0.1, keeps drafts in step with the
             fine-tuned head, for better speculative acceptance).
-        precision: "float32", "bf16" (CPU autocast; weights and optimizer state stay fp32) or "fp8" (FP8 projections
+        precision: "auto" (bf16 where this machine's bf16 GEMMs are faster, else float32; nanoseek/machine.py),
+            "float32", "bf16" (autocast; weights and optimizer state stay fp32) or "fp8" (FP8 projections
             and experts, nanoseek/fp8/convert.py; the rest in bf16 autocast).
         log_every: steps between log lines.
         save_every: steps between checkpoints (0: only at the end).
@@ -119,7 +121,7 @@ class SFTConfig:
         v.number("beta2", 0, 1, open_high=True)
         for f in ("weight_decay", "grad_clip", "mtp_lambda"):
             v.number(f, 0)
-        v.one_of("precision", ("float32", "bf16", "fp8"))
+        v.one_of("precision", PRECISIONS)
         v.flags("packing")
 
     @classmethod
@@ -187,7 +189,8 @@ class SFTTrainer:
         self.batches = SFTBatches([len(ex.tokens) for ex in self.examples], cfg.batch_size, cfg.seed, cfg.packing)
         self.max_steps = cfg.max_steps or math.ceil(cfg.epochs * self.batches.per_epoch / cfg.grad_accum)
         self.warmup = round(cfg.warmup_ratio * self.max_steps)
-        if cfg.precision == "fp8":  # a transform of the built model, before parallelism and the optimizer
+        self.precision = run.resolve_precision(cfg.precision)
+        if self.precision == "fp8":  # a transform of the built model, before parallelism and the optimizer
             convert_to_fp8(model)
         state = run.attach(model, self.tokenizer, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                            weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
@@ -232,7 +235,7 @@ class SFTTrainer:
             if not len(input_ids):
                 zero = torch.zeros((), device=labels.device, requires_grad=True)
                 return zero, {"loss": 0.0, **dict.fromkeys(self.part_names(), 0.0)}  # a micro-batch of < dp rows
-        with torch.autocast(self.run.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision in ("bf16", "fp8")):
+        with torch.autocast(self.run.device.type, dtype=torch.bfloat16, enabled=self.precision in ("bf16", "fp8")):
             parts, _ = self.loss_parts(input_ids, labels, n_tokens)
             loss = sum(weights[k] * v for k, v in parts.items())
         return loss, {"loss": loss.item(), **{k: v.item() for k, v in parts.items()}}

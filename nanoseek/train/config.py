@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 
 from ..config import PRESETS, Validator, is_number, load_config
+from ..machine import PRECISIONS
 from ..dist.mesh import PP_SCHEDULES
 
 _BALANCE = ("aux_free", "aux_loss", "none")
@@ -36,7 +37,8 @@ class TrainConfig:
         lr, min_lr_ratio, warmup_steps, schedule: AdamW peak LR, final LR fraction, linear warmup steps,
             and the decay shape ("cosine", "wsd" or "constant").
         weight_decay, beta1, beta2, grad_clip: AdamW and global-norm clipping (0 disables clipping).
-        precision: "float32", "bf16" (autocast; weights and optimizer state stay fp32) or "fp8" (DeepSeek-V3's FP8
+        precision: "auto" (bf16 where this machine's bf16 GEMMs are faster, else float32; nanoseek/machine.py),
+            "float32", "bf16" (autocast; weights and optimizer state stay fp32) or "fp8" (DeepSeek-V3's FP8
             recipe for the projections and experts, nanoseek/fp8/convert.py, the rest in bf16 autocast).
         mtp_lambda, mtp_lambda_late, mtp_switch_frac: MTP loss weight, first then late value, switched at
             this fraction of training (V3: 0.3 then 0.1 at 10/14.8).
@@ -129,7 +131,7 @@ class TrainConfig:
         v.number("lr", 0, open_low=True)
         v.number("min_lr_ratio", 0, 1)
         v.one_of("schedule", ("cosine", "wsd", "constant"))
-        v.one_of("precision", ("float32", "bf16", "fp8"))
+        v.one_of("precision", PRECISIONS)
         v.one_of("balance", _BALANCE)
         v.number("val_fraction", 0, 1, open_high=True)
         v.number("beta1", 0, 1, open_high=True)

@@ -31,6 +31,7 @@ from typing import Callable, Iterable, Protocol
 import torch
 from tqdm import tqdm
 
+from ..machine import resolve_precision
 from ..runtime import is_main_process, local_device, seed_everything, set_threads
 from .balance import ExpertLoad
 from .metrics import MetricsLog
@@ -112,6 +113,17 @@ class TrainingRun:
         self.balance = False
 
     # ---- set-up ---------------------------------------------------------------------------------
+    def resolve_precision(self, precision: str) -> str:
+        """`precision` with "auto" made concrete for this run's device (nanoseek/machine.py); with several ranks,
+        bf16 only if every rank measured it faster (one collective), so that all of them compute alike."""
+        chosen = resolve_precision(precision, self.device)
+        if precision == "auto":
+            if not self._everywhere(chosen == "bf16"):
+                chosen = "float32"
+            if is_main_process():
+                tqdm.write(f"{self.label}: precision auto -> {chosen} (the measurements: nanoseek info --machine)")
+        return chosen
+
     def attach(self, model: torch.nn.Module, tokenizer, *, lr: float, betas: tuple[float, float],
                weight_decay: float, grad_clip: float, bias_gamma: Callable[[], float] | None = None) -> dict:
         """Take the built model (moved to the run's device) and its tokenizer, build the optimizer, and restore

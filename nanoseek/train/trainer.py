@@ -132,7 +132,8 @@ class Trainer:
                 raise ValueError(f"seq_len {cfg.seq_len} exceeds the model's max_position_embeddings "
                                  f"{model_cfg.max_position_embeddings}")
             model = build_model(model_cfg, seed=cfg.seed, device=run.device)
-        if cfg.precision == "fp8":  # a transform of the built model, before parallelism and the optimizer
+        self.precision = run.resolve_precision(cfg.precision)
+        if self.precision == "fp8":  # a transform of the built model, before parallelism and the optimizer
             convert_to_fp8(model)
         state = run.attach(model, self.data.tokenizer, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                            weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, bias_gamma=self._bias_gamma)
@@ -168,7 +169,7 @@ class Trainer:
         batch = self._local(batch)
         warmup = cfg.dsa_stage == "dense_warmup"
         recorder = IndexerRecorder(dense=warmup) if cfg.dsa_stage != "none" else None
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision in ("bf16", "fp8")):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.precision in ("bf16", "fp8")):
             if recorder is None:
                 lm, mtp_losses = language_model_losses(self.model, batch.input_ids, batch.labels, mtp=lam > 0)
             else:

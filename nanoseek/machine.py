@@ -1,0 +1,154 @@
+"""What this machine computes fastest, measured rather than assumed: `--precision auto`.
+
+CPUs differ by more than a factor of ten in how their bf16 GEMMs compare with fp32 ones: on a Xeon with
+AVX512-BF16 but no AMX, bf16 ran at half the fp32 rate; with AMX, or on an EPYC with AVX512-BF16, several times
+faster (benchmarks/README.md, "Figures cited from code"). CPU flags do not tell these apart, so `auto` times the
+two GEMM kinds a training step is made of, in both dtypes, at shapes of the `small` preset: a dense matmul (attention
+projections, the head) and a grouped matmul (the routed experts). bf16 autocast is chosen when the dense GEMM is
+faster in bf16 by BF16_MARGIN and the grouped one is no slower (the experts follow the autocast dtype); on CUDA
+bf16 always is. The probe takes about a second; its result is cached per machine
+(CPU model, threads, torch version) in `$XDG_CACHE_HOME/nanoseek/machine.json` (default ~/.cache), so every run
+on one machine makes the same choice. `nanoseek info --machine` prints it; `--remeasure` measures again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+
+BF16_MARGIN = 1.2        # bf16 must be this much faster: a near tie is not worth bf16's rounding
+PRECISIONS = ("auto", "float32", "bf16", "fp8")
+
+
+@dataclass(frozen=True)
+class MachineProfile:
+    """Attributes:
+        cpu: the CPU model (/proc/cpuinfo), threads: torch's CPU threads, torch: its version.
+        dense_fp32, dense_bf16: GFLOP/s of a (2048 x 256) @ (256 x 768) matmul.
+        grouped_fp32, grouped_bf16: GFLOP/s of a grouped matmul: 16 experts, 128 tokens each, 256 -> 256.
+    """
+
+    cpu: str
+    threads: int
+    torch: str
+    dense_fp32: float
+    dense_bf16: float
+    grouped_fp32: float
+    grouped_bf16: float
+
+    @property
+    def bf16_pays(self) -> bool:
+        return self.dense_bf16 >= BF16_MARGIN * self.dense_fp32 and self.grouped_bf16 >= self.grouped_fp32
+
+    @property
+    def precision(self) -> str:
+        """What `--precision auto` picks on this CPU."""
+        return "bf16" if self.bf16_pays else "float32"
+
+    def describe(self) -> str:
+        return (f"{self.cpu}; {self.threads} threads; torch {self.torch}\n"
+                f"dense GEMM   fp32 {self.dense_fp32:7.1f}  bf16 {self.dense_bf16:7.1f} GFLOP/s "
+                f"(bf16 {self.dense_bf16 / self.dense_fp32:.2f}x)\n"
+                f"grouped GEMM fp32 {self.grouped_fp32:7.1f}  bf16 {self.grouped_bf16:7.1f} GFLOP/s "
+                f"(bf16 {self.grouped_bf16 / self.grouped_fp32:.2f}x)\n"
+                f"--precision auto: {self.precision} (bf16 when dense GEMMs are >= {BF16_MARGIN}x faster in bf16 "
+                "and grouped ones no slower)")
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _best_seconds(fns: dict, seconds: float) -> dict:
+    """Best time of each function, calling them in turn for about `seconds` in all: interleaved, so that load
+    from other processes hits every dtype alike, and the best, not the mean: what the hardware can do."""
+    for fn in fns.values():
+        fn()
+    best = dict.fromkeys(fns, float("inf"))
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return best
+
+
+def probe(seconds: float = 1.0) -> MachineProfile:
+    """Measure the four GEMM rates on this CPU (about `seconds` in all) at the small preset's shapes: 2048 tokens of
+    width 256; a 256 -> 768 projection; 16 experts' gate+up projections (256 -> 2 x 128) over 128 tokens each."""
+    g = torch.Generator().manual_seed(0)
+    tokens, dim, inter, experts = 2048, 256, 768, 16
+    x, w = torch.randn(tokens, dim, generator=g), torch.randn(inter, dim, generator=g)
+    w_E = torch.randn(experts, 256, dim, generator=g)
+    offsets = torch.arange(1, experts + 1, dtype=torch.int32) * (tokens // experts)
+    fns, flops = {}, {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        xd, wd, wd_E = x.to(dtype), w.to(dtype), w_E.to(dtype)
+        fns[f"dense_{name}"] = lambda xd=xd, wd=wd: xd @ wd.t()
+        fns[f"grouped_{name}"] = lambda xd=xd, wd_E=wd_E: torch._grouped_mm(xd, wd_E.transpose(1, 2), offs=offsets)
+        flops[f"dense_{name}"], flops[f"grouped_{name}"] = 2 * tokens * dim * inter, 2 * tokens * dim * 256
+    best = _best_seconds(fns, seconds)
+    rates = {name: flops[name] / best[name] / 1e9 for name in fns}
+    return MachineProfile(cpu=cpu_model(), threads=torch.get_num_threads(), torch=torch.__version__, **rates)
+
+
+def _cache_file() -> str:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "nanoseek", "machine.json")
+
+
+def machine_profile(remeasure: bool = False) -> MachineProfile:
+    """This machine's profile: from the cache when it holds one for this CPU, thread count and torch, else
+    measured (and cached; an unwritable cache only costs the next run another probe)."""
+    key = f"{cpu_model()} | {torch.get_num_threads()} threads | torch {torch.__version__}"
+    path = _cache_file()
+    try:
+        with open(path) as f:
+            cache = json.load(f)
+        if not isinstance(cache, dict):
+            cache = {}
+    except (OSError, ValueError):
+        cache = {}
+    if not remeasure and isinstance(cache.get(key), dict):
+        try:
+            return MachineProfile(**cache[key])
+        except TypeError:   # written by another version: measure again
+            pass
+    profile = probe()
+    cache[key] = dataclasses.asdict(profile)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(cache, f, indent=1)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    return profile
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """`precision` with "auto" replaced by this device's choice: bf16 on CUDA, the probe's on CPU, else fp32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision != "auto":
+        return precision
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "bf16"
+    return machine_profile().precision if device.type == "cpu" else "float32"

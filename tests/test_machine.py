@@ -1,0 +1,93 @@
+"""`--precision auto`: the machine probe's decision rule, its per-machine cache, the training commands resolving
+auto through it, and the routed experts following the chosen autocast dtype."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+import nanoseek
+from nanoseek import machine
+from nanoseek.cli import main as cli_main
+from nanoseek.machine import MachineProfile, machine_profile, resolve_precision
+
+
+def profile(dense=(100.0, 100.0), grouped=(100.0, 100.0)) -> MachineProfile:
+    return MachineProfile(cpu=machine.cpu_model(), threads=torch.get_num_threads(), torch=torch.__version__,
+                          dense_fp32=dense[0], dense_bf16=dense[1], grouped_fp32=grouped[0], grouped_bf16=grouped[1])
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """A private cache folder; `cache(p)` stores profile p as this machine's measurement."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+
+    def store(p: MachineProfile) -> None:
+        (tmp_path / "nanoseek").mkdir(exist_ok=True)
+        key = f"{p.cpu} | {p.threads} threads | torch {p.torch}"
+        (tmp_path / "nanoseek" / "machine.json").write_text(json.dumps({key: dataclasses.asdict(p)}))
+    return store
+
+
+def test_the_two_machine_kinds_of_the_issue_get_their_faster_precision():
+    # an AMX-less Xeon: bf16 GEMMs at half the fp32 rate; an EPYC with AVX512-BF16: four times faster
+    assert profile(dense=(386, 190), grouped=(300, 150)).precision == "float32"
+    assert profile(dense=(183, 739), grouped=(150, 500)).precision == "bf16"
+    # bf16 must pay for both GEMM kinds: the experts follow the choice
+    assert profile(dense=(183, 739), grouped=(150, 120)).precision == "float32"
+
+
+def test_auto_uses_the_cached_measurement_and_explicit_choices_win(cache):
+    cache(profile(dense=(100, 400), grouped=(100, 300)))
+    assert resolve_precision("auto", "cpu") == "bf16"
+    assert resolve_precision("float32", "cpu") == "float32" and resolve_precision("fp8", "cpu") == "fp8"
+    cache(profile(dense=(400, 100), grouped=(300, 100)))
+    assert resolve_precision("auto", "cpu") == "float32"
+    with pytest.raises(ValueError, match="precision must be one of"):
+        resolve_precision("fp16", "cpu")
+
+
+def test_a_missing_or_corrupted_cache_is_measured_again_and_rewritten(cache, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(machine, "probe", lambda: calls.append(1) or profile(dense=(1, 2), grouped=(1, 2)))
+    (tmp_path / "nanoseek").mkdir()
+    (tmp_path / "nanoseek" / "machine.json").write_text("{not json")
+    assert machine_profile().precision == "bf16" and len(calls) == 1
+    assert machine_profile().dense_bf16 == 2 and len(calls) == 1          # now from the cache
+    machine_profile(remeasure=True)
+    assert len(calls) == 2
+
+
+def test_probe_measures_positive_rates():
+    p = machine.probe(seconds=0.05)
+    assert p.cpu and p.threads >= 1
+    assert min(p.dense_fp32, p.dense_bf16, p.grouped_fp32, p.grouped_bf16) > 0
+
+
+def test_info_machine_prints_the_rates_and_the_choice(cache, capsys):
+    cache(profile(dense=(100, 400), grouped=(100, 300)))
+    assert cli_main(["info", "--machine"]) in (0, None)
+    out = capsys.readouterr().out
+    assert "dense GEMM" in out and "bf16 4.00x" in out and "--precision auto: bf16" in out
+
+
+def test_train_with_auto_takes_the_machine_choice_and_the_experts_follow_it(cache, tmp_path):
+    from nanoseek.train import TrainConfig, Trainer
+    cache(profile(dense=(100, 400), grouped=(100, 300)))
+    cfg = TrainConfig(preset="tiny", corpus_docs=100, vocab_size=300, seq_len=16, batch_size=2, max_steps=1,
+                      save_every=0, val_every=0, peak_gflops=1.0, precision="auto")
+    trainer = Trainer(cfg, str(tmp_path / "run"), progress=False)
+    assert trainer.precision == "bf16"
+    seen = []
+    experts = trainer.model.moe_layers()[0][1].experts
+    experts.register_forward_hook(lambda m, args, out: seen.append((args[0].dtype, out.dtype)))
+    trainer.train_step()                                   # the step under autocast, then validation without
+    assert seen[0] == (torch.bfloat16, torch.bfloat16) and seen[-1] == (torch.float32, torch.float32)
+
+
+def test_sft_config_accepts_auto():
+    from nanoseek.rl.sft import SFTConfig
+    assert SFTConfig(precision="auto").precision == "auto"
+    with pytest.raises(nanoseek.ConfigError, match="precision"):
+        SFTConfig(precision="half")
