@@ -213,3 +213,22 @@ def copy_dir(tmp_path):
         return os.fspath(dst)
 
     return copy_
+
+
+# ---- the server tests (a module defines a `server` fixture, a LiveServer, and its API KEY) ----------------
+
+@pytest.fixture(scope="module")
+def http(server, request):
+    """An httpx client of the module's `server`, authorised with the module's KEY."""
+    import httpx
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {request.module.KEY}"},
+                      timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(autouse=True)
+def server_idle_after(request):
+    """Every test that used a `server` leaves its engine with all slots free (nothing leaks across tests)."""
+    yield
+    if "server" in request.fixturenames:
+        assert request.getfixturevalue("server").wait_idle(), "a request still holds a cache slot"

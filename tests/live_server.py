@@ -1,4 +1,5 @@
-"""A test helper: create_app(...) under a real uvicorn on a free 127.0.0.1 port, in a thread."""
+"""Test helpers for the server tests: create_app(...) under a real uvicorn on a free 127.0.0.1 port, in a thread,
+and an untrained tiny model folder to serve. (Their shared fixtures, `http` and the idle check, are in conftest.py.)"""
 
 from __future__ import annotations
 
@@ -8,8 +9,21 @@ import time
 
 import uvicorn
 
+import nanoseek
+from nanoseek.data import default_corpus, train_tokenizer
 from nanoseek.infer import LLM
 from nanoseek.serve import create_app
+
+
+def save_tiny_model(folder) -> str:
+    """An untrained `tiny` model with a tokenizer trained on 200 documents of the embedded corpus."""
+    tok = train_tokenizer(default_corpus(200), vocab_size=512)
+    nanoseek.save_pretrained(nanoseek.build_model(nanoseek.ModelConfig.preset("tiny", vocab_size=tok.vocab_size),
+                                                  seed=0), folder)
+    tok.save(folder)
+    return str(folder)
+
+
 
 
 class LiveServer:

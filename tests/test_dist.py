@@ -20,6 +20,7 @@ from nanoseek.dist.pipeline import split_layers, stage_ids
 from nanoseek.train import TrainConfig, Trainer
 from nanoseek.train.metrics import read_jsonl
 from nanoseek.train.state import list_checkpoints
+from live_server import save_tiny_model
 
 KEYS = ("loss", "lm_loss", "mtp_loss", "val_loss")
 # Routing counts discrete choices: a near-tie between two experts may fall the other way when sums run in another
@@ -174,11 +175,7 @@ def _post_train(rank: int, world: int, port: int, kind: str, cfg: dict, init: st
 def post_train(tmp_path_factory):
     """(init folder, SFT data file) and a runner of `kind` on 1 or 2 processes returning its metrics rows."""
     from nanoseek.rl.data import cold_start_rows, task_examples, write_rows
-    init = tmp_path_factory.mktemp("init")
-    tok = train_tokenizer(default_corpus(200), vocab_size=512)
-    nanoseek.save_pretrained(nanoseek.build_model(nanoseek.ModelConfig.preset("tiny", vocab_size=tok.vocab_size),
-                                                  seed=0), init)
-    tok.save(init)
+    init = save_tiny_model(tmp_path_factory.mktemp("init"))
     data = tmp_path_factory.mktemp("data") / "sft.jsonl"
     write_rows(data, cold_start_rows(task_examples(["arithmetic", "linear"], "train", 3, seed=0)))
 

@@ -184,7 +184,7 @@ def test_rank_zero_alone_writes_the_checkpoint(tmp_path, monkeypatch):
     ("lr", float("nan"), r"TrainConfig\.lr must be a finite number > 0 \(got nan\)"),
     ("beta2", 1.0, r"TrainConfig\.beta2 must be in \[0, 1\) \(got 1\.0\)"),
     ("batch_size", True, r"TrainConfig\.batch_size must be a positive int \(got True\)"),
-    ("precision", "fp8", r"TrainConfig\.precision must be one of \('float32', 'bf16'\) \(got 'fp8'\)"),
+    ("precision", "fp16", r"TrainConfig\.precision must be one of \('auto', 'float32', 'bf16', 'fp8'\) \(got 'fp16'\)"),
 ])
 def test_config_errors_name_the_field_the_rule_and_the_value(field, value, message):
     with pytest.raises(ConfigError, match=message):

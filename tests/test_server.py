@@ -47,20 +47,6 @@ def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
 
 
-@pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as c:
-        yield c
-
-
-@pytest.fixture(autouse=True)
-def _server_idle_after(request):
-    """Every test leaves the engine with all slots free (nothing leaks across tests)."""
-    yield
-    if "server" in request.fixturenames:
-        assert request.getfixturevalue("server").wait_idle(), "a request still holds a cache slot"
-
-
 # ---- happy paths -----------------------------------------------------------------------------------
 
 def test_health_and_models(server, client):

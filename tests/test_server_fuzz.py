@@ -20,14 +20,12 @@ import time
 
 import pytest
 
-import nanoseek
-from nanoseek.data import default_corpus, train_tokenizer
 from nanoseek.infer import LLM, SamplingParams
 
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
-from live_server import LiveServer  # noqa: E402
+from live_server import LiveServer, save_tiny_model  # noqa: E402
 from nanoseek.serve import create_app  # noqa: E402
 from nanoseek.serve.protocol import APIError, CompletionRequest, ServerLimits, parse_request  # noqa: E402
 
@@ -38,12 +36,7 @@ OVER_LIMIT = ServerLimits().max_body_bytes + MB
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny_untrained")
-    tok = train_tokenizer(default_corpus(200), vocab_size=512)
-    nanoseek.save_pretrained(nanoseek.build_model(nanoseek.ModelConfig.preset("tiny", vocab_size=tok.vocab_size),
-                                                  seed=0), d)
-    tok.save(d)
-    return str(d)
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_untrained"))
 
 
 @pytest.fixture(scope="module")
@@ -51,19 +44,6 @@ def server(model_dir):
     s = LiveServer(model_dir, api_key=KEY)
     yield s
     s.stop()
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as c:
-        yield c
-
-
-@pytest.fixture(autouse=True)
-def _server_idle_after(request):
-    yield
-    if "server" in request.fixturenames:
-        assert request.getfixturevalue("server").wait_idle(), "a request still holds a cache slot"
 
 
 def assert_error(r, status: int, param: str | None) -> dict:

@@ -73,28 +73,31 @@ class FP8WeightExperts(Experts):
         return grouped_swiglu(x_SD, counts_E[active].cumsum(0).to(torch.int32), w13, w2)
 
 
-def _as_buffers(module: nn.Module, names: tuple[str, ...], state: dict, prefix: str) -> None:
+def _as_buffers(module: nn.Module, names: tuple[str, ...], state: dict, prefix: str) -> list[str]:
+    placed = []
     for name in names:  # straight into _buffers: register_buffer would read the dequantizing property first
         del module._parameters[name]
-        module._buffers[name] = state[prefix + name]
-        module._buffers[name + SCALE] = state[prefix + name + SCALE]
+        for key in (name, name + SCALE):
+            module._buffers[key] = state[prefix + key]
+            placed.append(prefix + key)
+    return placed
 
 
-def keep_fp8_weights(model: nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype) -> int:
+def keep_fp8_weights(model: nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype) -> set[str]:
     """Make every bias-free nn.Linear and Experts module of `model` whose weights in `state` have a scale entry
     hold them in FP8 (the tensors of `state`, registered as buffers; `dtype` is what they dequantize to).
-    Returns how many modules were converted."""
-    converted = 0
+    Returns the keys of `state` placed that way: load the rest with load_state_dict, whose setattr would read
+    (and dequantize) the `.weight` property of every converted module."""
+    placed: set[str] = set()
     for name, module in model.named_modules():
         prefix = name + "." if name else ""
         if type(module) is nn.Linear and prefix + "weight" + SCALE in state and module.bias is None:
             module.__class__ = FP8WeightLinear
-            _as_buffers(module, ("weight",), state, prefix)
+            placed.update(_as_buffers(module, ("weight",), state, prefix))
         elif type(module) is Experts and prefix + "gate_up_proj" + SCALE in state:
             module.__class__ = FP8WeightExperts
-            _as_buffers(module, ("gate_up_proj", "down_proj"), state, prefix)
+            placed.update(_as_buffers(module, ("gate_up_proj", "down_proj"), state, prefix))
         else:
             continue
         module.weight_dtype = dtype
-        converted += 1
-    return converted
+    return placed
