@@ -2,6 +2,7 @@
 emulation, the FP8 linear and grouped experts against fp32 within E4M3's precision, the model transform and a
 --precision fp8 training run."""
 
+import json
 import math
 
 import pytest
@@ -219,3 +220,40 @@ def test_llm_and_the_cli_serve_an_fp8_checkpoint_with_fp8_weights_kept(tmp_path,
     assert cli_main(["generate", str(tmp_path), "--prompt", "the cat", "--max-tokens", "8", "--temperature", "0",
                      "--keep-fp8"]) in (0, None)
     assert capsys.readouterr().out.strip()
+
+
+def test_adamw_with_bf16_moments_is_torch_adamw_with_its_moments_rounded():
+    from nanoseek.train.adamw_bf16 import AdamWBF16Moments
+    g = torch.Generator().manual_seed(0)
+    start = torch.randn(64, 40, generator=g)
+    params = [torch.nn.Parameter(start.clone()) for _ in range(3)]
+    kw = dict(lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    opts = [torch.optim.AdamW([params[0]], foreach=False, **kw),
+            AdamWBF16Moments([params[1]], moments_dtype=torch.float32, **kw), AdamWBF16Moments([params[2]], **kw)]
+    for _ in range(20):
+        grad = torch.randn(64, 40, generator=g)
+        for p, opt in zip(params, opts):
+            p.grad = grad.clone()
+            opt.step()
+    assert torch.equal(params[1], params[0])                        # the same update, moments in fp32
+    assert opts[2].state[params[2]]["exp_avg_sq"].dtype == torch.bfloat16
+    moved = (params[0] - start).norm()
+    assert 0 < (params[2] - params[0]).norm() < 2 ** -6 * moved    # bf16 rounding of the moments only
+
+
+def test_training_with_bf16_moments_resumes_exactly(tmp_path):
+    from nanoseek.train import TrainConfig, Trainer
+    cfg = dict(preset="tiny", corpus_docs=100, vocab_size=300, seq_len=16, batch_size=2, max_steps=4, save_every=2,
+               val_every=0, log_every=1, peak_gflops=1.0, optimizer_moments="bf16")
+    whole = Trainer(TrainConfig(**cfg), str(tmp_path / "a"), progress=False)
+    assert type(whole.run.optimizer).__name__ == "AdamWBF16Moments"
+    whole.fit()
+    first = Trainer(TrainConfig(**cfg), str(tmp_path / "b"), progress=False)
+    for _ in range(2):
+        first.train_step()
+    first.run.save(first.state_dict())
+    resumed = Trainer(TrainConfig(**cfg), str(tmp_path / "b"), resume=True, progress=False)
+    rows = [resumed.train_step() for _ in range(2)]
+    assert all(s["exp_avg"].dtype == torch.bfloat16 for s in resumed.run.optimizer.state.values())
+    want = [json.loads(line) for line in open(tmp_path / "a" / "metrics.jsonl")][2:4]
+    assert [r["loss"] for r in rows] == [w["loss"] for w in want]

@@ -35,7 +35,7 @@ def _scaled_mm(a_q, a_s, b_q, b_s, b_blocks: bool, out_dtype: torch.dtype) -> to
 
 
 @functools.cache
-def _cuda_ok(device: torch.device) -> bool:
+def scaled_mm_ok(device: torch.device) -> bool:
     """Whether this device's block-scaled _scaled_mm matches the emulation (checked once, on a small product)."""
     if device.type != "cuda" or torch.cuda.get_device_capability(device) < (9, 0):
         return False
@@ -62,6 +62,6 @@ def fp8_mm(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: torch.T
            out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """A @ B^T (M, N): a_q (M, K) fp8 with a_s (M, ceil(K/128)); b_q (N, K) fp8 with b_s (ceil(N/128), ceil(K/128))
     when b_blocks, else (N, ceil(K/128))."""
-    if a_q.is_cuda and _cuda_ok(a_q.device):
+    if a_q.is_cuda and scaled_mm_ok(a_q.device):
         return _scaled_mm(a_q, a_s, b_q, b_s, b_blocks, out_dtype)
     return _emulated(a_q, a_s, b_q, b_s, b_blocks, out_dtype)

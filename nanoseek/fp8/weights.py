@@ -22,13 +22,16 @@ from torch import nn
 
 from ..model.moe import Experts, grouped_swiglu
 from .block import block_dequantize
+from .gemm import fp8_mm, scaled_mm_ok
+from .tile import tile_quantize
 
 SCALE = "_scale_inv"
 
 
 class FP8WeightLinear(nn.Linear):
     """A bias-free linear layer whose weight is stored in FP8 with 128x128 block scales (buffers `weight`,
-    `weight_scale_inv`); `.weight` is the dequantized weight in `weight_dtype`."""
+    `weight_scale_inv`); `.weight` is the dequantized weight in `weight_dtype`. On Hopper the forward is an FP8
+    GEMM on the stored weight (not checked here: no GPU in the test machines), elsewhere dequantize + matmul."""
 
     weight_dtype: torch.dtype = torch.float32
 
@@ -37,6 +40,10 @@ class FP8WeightLinear(nn.Linear):
         return block_dequantize(self._buffers["weight"], self._buffers["weight_scale_inv"], dtype=self.weight_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and scaled_mm_ok(x.device):  # Hopper: the FP8 GEMM itself, the activations in 1x128 tiles
+            x_q, x_s = tile_quantize(x.reshape(-1, x.shape[-1]))
+            y = fp8_mm(x_q, x_s, self._buffers["weight"], self._buffers["weight_scale_inv"], out_dtype=x.dtype)
+            return y.reshape(*x.shape[:-1], y.shape[-1])
         return F.linear(x, self.weight)
 
 

@@ -70,6 +70,7 @@ class SFTConfig:
         precision: "auto" (bf16 where this machine's bf16 GEMMs are faster, else float32; nanoseek/machine.py),
             "float32", "bf16" (autocast; weights and optimizer state stay fp32) or "fp8" (FP8 projections
             and experts, nanoseek/fp8/convert.py; the rest in bf16 autocast).
+        optimizer_moments: dtype of AdamW's two moments, "float32" or "bf16" (V3's low-precision optimizer states).
         log_every: steps between log lines.
         save_every: steps between checkpoints (0: only at the end).
         keep_checkpoints: complete checkpoints kept on disk.
@@ -97,6 +98,7 @@ class SFTConfig:
     grad_clip: float = 1.0
     mtp_lambda: float = 0.0
     precision: str = "float32"
+    optimizer_moments: str = "float32"
     log_every: int = 10
     save_every: int = 100
     keep_checkpoints: int = 2
@@ -122,6 +124,7 @@ class SFTConfig:
         for f in ("weight_decay", "grad_clip", "mtp_lambda"):
             v.number(f, 0)
         v.one_of("precision", PRECISIONS)
+        v.one_of("optimizer_moments", ("float32", "bf16"))
         v.flags("packing")
 
     @classmethod
@@ -193,7 +196,7 @@ class SFTTrainer:
         if self.precision == "fp8":  # a transform of the built model, before parallelism and the optimizer
             convert_to_fp8(model)
         state = run.attach(model, self.tokenizer, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                           weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
+                           weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, moments=cfg.optimizer_moments)
         self.model = run.model
         self.tokens_seen = state.get("tokens_seen", 0)
         if state:

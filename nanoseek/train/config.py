@@ -40,6 +40,8 @@ class TrainConfig:
         precision: "auto" (bf16 where this machine's bf16 GEMMs are faster, else float32; nanoseek/machine.py),
             "float32", "bf16" (autocast; weights and optimizer state stay fp32) or "fp8" (DeepSeek-V3's FP8
             recipe for the projections and experts, nanoseek/fp8/convert.py, the rest in bf16 autocast).
+        optimizer_moments: dtype of AdamW's two moments, "float32" or "bf16" (V3's low-precision optimizer states;
+            the update is computed in fp32 either way).
         mtp_lambda, mtp_lambda_late, mtp_switch_frac: MTP loss weight, first then late value, switched at
             this fraction of training (V3: 0.3 then 0.1 at 10/14.8).
         balance: "aux_free" (bias updates, V3), "aux_loss" (classic batch-wise auxiliary loss) or "none".
@@ -94,6 +96,7 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     precision: str = "float32"
+    optimizer_moments: str = "float32"
     mtp_lambda: float = 0.3
     mtp_lambda_late: float = 0.1
     mtp_switch_frac: float = 10 / 14.8
@@ -132,6 +135,7 @@ class TrainConfig:
         v.number("min_lr_ratio", 0, 1)
         v.one_of("schedule", ("cosine", "wsd", "constant"))
         v.one_of("precision", PRECISIONS)
+        v.one_of("optimizer_moments", ("float32", "bf16"))
         v.one_of("balance", _BALANCE)
         v.number("val_fraction", 0, 1, open_high=True)
         v.number("beta1", 0, 1, open_high=True)

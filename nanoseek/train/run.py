@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from ..machine import resolve_precision
 from ..runtime import is_main_process, local_device, seed_everything, set_threads
+from .adamw_bf16 import AdamWBF16Moments
 from .balance import ExpertLoad
 from .metrics import MetricsLog
 from .state import (DCP_DIR, list_checkpoints, load_checkpoint_model, load_trainer_state, newest_resumable,
@@ -60,12 +61,15 @@ class Recipe(Protocol):
 
 
 def build_optimizer(params: list[torch.nn.Parameter], lr: float, betas: tuple[float, float], weight_decay: float,
-                    device: torch.device) -> torch.optim.AdamW:
+                    device: torch.device, moments: str = "float32") -> torch.optim.Optimizer:
     """AdamW with decay on matrices (dim >= 2) only; fused where torch has the kernel (cpu, cuda), which
-    makes the step several times faster on CPU (benchmarks/README.md, "Figures cited from code")."""
+    makes the step several times faster on CPU (benchmarks/README.md, "Figures cited from code"). `moments`
+    "bf16" stores the two moments in bf16 (DeepSeek-V3's optimizer; nanoseek/train/adamw_bf16.py)."""
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if moments == "bf16":
+        return AdamWBF16Moments(groups, lr=lr, betas=betas)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device.type in ("cpu", "cuda"))
 
 
@@ -125,7 +129,8 @@ class TrainingRun:
         return chosen
 
     def attach(self, model: torch.nn.Module, tokenizer, *, lr: float, betas: tuple[float, float],
-               weight_decay: float, grad_clip: float, bias_gamma: Callable[[], float] | None = None) -> dict:
+               weight_decay: float, grad_clip: float, bias_gamma: Callable[[], float] | None = None,
+               moments: str = "float32") -> dict:
         """Take the built model (moved to the run's device) and its tokenizer, build the optimizer, and restore
         the checkpoint's optimizer, RNG and step when resuming. Returns the command's own state saved with that
         checkpoint ({} for a fresh run).
@@ -133,13 +138,14 @@ class TrainingRun:
         bias_gamma: the aux-loss-free bias update speed of the current step (None: the routing biases stay
             frozen; the counters are still read and zeroed every step). With it, the experts' loads go to
             expert_load.jsonl every log_every steps.
+        moments: the AdamW moments' dtype, "float32" or "bf16" (build_optimizer).
         """
         self.model, self.tokenizer, self.grad_clip = model.to(self.device), tokenizer, grad_clip
         # the transforms of a built model (pipeline split, expert parallelism, FSDP2) happen here, before the
         # optimizer is built over the parameters they leave on this rank
         self.modules = self.parallel.prepare(self.model) if self.parallel else [self.model]
         params = [p for module in self.modules for p in module.parameters()]
-        self.optimizer = build_optimizer(params, lr, betas, weight_decay, self.device)
+        self.optimizer = build_optimizer(params, lr, betas, weight_decay, self.device, moments)
         state = {}
         if self.checkpoint is not None:
             state = load_trainer_state(self.checkpoint, self.modules, self.optimizer)

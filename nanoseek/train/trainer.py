@@ -136,7 +136,8 @@ class Trainer:
         if self.precision == "fp8":  # a transform of the built model, before parallelism and the optimizer
             convert_to_fp8(model)
         state = run.attach(model, self.data.tokenizer, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                           weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, bias_gamma=self._bias_gamma)
+                           weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, bias_gamma=self._bias_gamma,
+                           moments=cfg.optimizer_moments)
         if state:
             self.data.train.load_state_dict(state["data"])
         self.model: Transformer = run.model
