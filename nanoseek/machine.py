@@ -19,6 +19,7 @@ import os
 import platform
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -114,7 +115,9 @@ def _cache_file() -> str:
 
 def machine_profile(remeasure: bool = False) -> MachineProfile:
     """This machine's profile: from the cache when it holds one for this CPU, thread count and torch, else
-    measured (and cached; an unwritable cache only costs the next run another probe)."""
+    measured and cached. A probe taken while other processes kept the cores busy (load average above the core
+    count) is used once but not cached: other jobs can swing one dtype's rate several-fold between calls. An
+    unwritable cache only costs the next run another probe."""
     key = f"{cpu_model()} | {torch.get_num_threads()} threads | torch {torch.__version__}"
     path = _cache_file()
     try:
@@ -130,6 +133,11 @@ def machine_profile(remeasure: bool = False) -> MachineProfile:
         except TypeError:   # written by another version: measure again
             pass
     profile = probe()
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load > cores:
+        warnings.warn(f"precision probe taken on a busy machine (load average {load:.1f} on {cores} cores): not "
+                      "cached; `nanoseek info --machine --remeasure` on an idle machine stores one", stacklevel=2)
+        return profile
     cache[key] = dataclasses.asdict(profile)
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)

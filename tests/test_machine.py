@@ -51,6 +51,7 @@ def test_auto_uses_the_cached_measurement_and_explicit_choices_win(cache):
 def test_a_missing_or_corrupted_cache_is_measured_again_and_rewritten(cache, tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(machine, "probe", lambda: calls.append(1) or profile(dense=(1, 2), grouped=(1, 2)))
+    monkeypatch.setattr(machine.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
     (tmp_path / "nanoseek").mkdir()
     (tmp_path / "nanoseek" / "machine.json").write_text("{not json")
     assert machine_profile().precision == "bf16" and len(calls) == 1
@@ -91,3 +92,11 @@ def test_sft_config_accepts_auto():
     assert SFTConfig(precision="auto").precision == "auto"
     with pytest.raises(nanoseek.ConfigError, match="precision"):
         SFTConfig(precision="half")
+
+
+def test_a_probe_on_a_busy_machine_is_used_but_not_cached(cache, tmp_path, monkeypatch):
+    monkeypatch.setattr(machine, "probe", lambda: profile(dense=(1, 2), grouped=(1, 2)))
+    monkeypatch.setattr(machine.os, "getloadavg", lambda: (64.0, 64.0, 64.0))
+    with pytest.warns(UserWarning, match="busy machine"):
+        assert machine_profile().precision == "bf16"
+    assert not (tmp_path / "nanoseek" / "machine.json").exists()
