@@ -32,6 +32,17 @@ def block_quantize(w: torch.Tensor, block: int = 128,
     return q.contiguous(), scale_inv
 
 
+def block_dequantize_stacked(q_EOI: torch.Tensor, s_EOI: torch.Tensor, parts: int = 1,
+                             dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Stacked expert weights (E, O, I) from FP8 and their scale grids; `parts` row ranges of each (a fused gate
+    and up projection) were quantized apart, their grids stacked one after the other."""
+    out = []
+    for q, s in zip(q_EOI, s_EOI):
+        out.append(torch.cat([block_dequantize(qp, sp, dtype=dtype)
+                              for qp, sp in zip(q.chunk(parts, dim=0), s.chunk(parts, dim=0))]))
+    return torch.stack(out) if out else q_EOI.new_empty(q_EOI.shape, dtype=dtype)
+
+
 def block_dequantize(q: torch.Tensor, scale_inv: torch.Tensor, block: int = 128,
                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Inverse of block_quantize; checks that the scale grid matches the weight."""

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model.moe import Experts
-from .block import block_dequantize, block_quantize
+from .block import block_dequantize_stacked, block_quantize
 from .tile import tile_dequantize, tile_quantize
 
 
@@ -22,10 +22,6 @@ def _blocks(w_EOI: torch.Tensor, scale_fmt) -> tuple[torch.Tensor, torch.Tensor]
     q, s = zip(*(block_quantize(w, scale_fmt=scale_fmt) for w in w_EOI))
     with torch.autocast(w_EOI.device.type, enabled=False):  # autocast's stack has no FP8 rule
         return torch.stack(q), torch.stack(s)
-
-
-def _dequantized(q_EOI: torch.Tensor, s_EOI: torch.Tensor) -> torch.Tensor:
-    return torch.stack([block_dequantize(q, s) for q, s in zip(q_EOI, s_EOI)])
 
 
 def _tiles(x: torch.Tensor, scale_fmt) -> torch.Tensor:
@@ -39,7 +35,8 @@ class _FP8GroupedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_SI, w_EOI, offsets_E, scale_fmt):
         w_q, w_s = _blocks(w_EOI, scale_fmt)
-        y = torch._grouped_mm(_tiles(x_SI, scale_fmt), _dequantized(w_q, w_s).transpose(1, 2), offs=offsets_E)
+        w = block_dequantize_stacked(w_q, w_s)
+        y = torch._grouped_mm(_tiles(x_SI, scale_fmt), w.transpose(1, 2), offs=offsets_E)
         ends = offsets_E.tolist()
         kept = [t for a, b in zip([0] + ends[:-1], ends) for t in tile_quantize(x_SI[a:b].t(), scale_fmt=scale_fmt)]
         ctx.save_for_backward(w_q, w_s, offsets_E, *kept)
@@ -49,7 +46,8 @@ class _FP8GroupedLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_SO):
         w_q, w_s, offsets_E, *kept = ctx.saved_tensors
-        dx = torch._grouped_mm(_tiles(grad_SO, ctx.scale_fmt), _dequantized(w_q, w_s), offs=offsets_E).to(ctx.dtype)
+        w = block_dequantize_stacked(w_q, w_s)
+        dx = torch._grouped_mm(_tiles(grad_SO, ctx.scale_fmt), w, offs=offsets_E).to(ctx.dtype)
         ends = offsets_E.tolist()
         dw = torch.stack([_tiles(grad_SO[a:b].t(), ctx.scale_fmt) @ tile_dequantize(xt_q, xt_s).t()
                           for a, b, xt_q, xt_s in zip([0] + ends[:-1], ends, kept[0::2], kept[1::2])])

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model.moe import Experts, grouped_swiglu
-from .block import block_dequantize
+from .block import block_dequantize, block_dequantize_stacked
 from .gemm import fp8_mm, scaled_mm_ok
 from .tile import tile_quantize
 
@@ -47,15 +47,6 @@ class FP8WeightLinear(nn.Linear):
         return F.linear(x, self.weight)
 
 
-def _dequantize_parts(q_EOI: torch.Tensor, s_EOI: torch.Tensor, parts: int, dtype: torch.dtype) -> torch.Tensor:
-    """Stacked expert weights (E', O, I) from FP8 and scale grids whose `parts` row ranges were quantized apart."""
-    out = []
-    for q, s in zip(q_EOI, s_EOI):
-        qs, ss = q.chunk(parts, dim=0), s.chunk(parts, dim=0)
-        out.append(torch.cat([block_dequantize(qp, sp, dtype=dtype) for qp, sp in zip(qs, ss)]))
-    return torch.stack(out) if out else q_EOI.new_empty(q_EOI.shape, dtype=dtype)
-
-
 class FP8WeightExperts(Experts):
     """Routed experts stored in FP8; each forward dequantizes only the experts that received tokens."""
 
@@ -63,20 +54,19 @@ class FP8WeightExperts(Experts):
 
     @property
     def gate_up_proj(self) -> torch.Tensor:
-        return _dequantize_parts(self._buffers["gate_up_proj"], self._buffers["gate_up_proj" + SCALE], 2,
-                                 self.weight_dtype)
+        return block_dequantize_stacked(self._buffers["gate_up_proj"], self._buffers["gate_up_proj" + SCALE], 2,
+                                        self.weight_dtype)
 
     @property
     def down_proj(self) -> torch.Tensor:
-        return _dequantize_parts(self._buffers["down_proj"], self._buffers["down_proj" + SCALE], 1,
-                                 self.weight_dtype)
+        return block_dequantize_stacked(self._buffers["down_proj"], self._buffers["down_proj" + SCALE], 1,
+                                        self.weight_dtype)
 
     def forward(self, x_SD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         active = counts_E.nonzero().flatten()
-        w13 = _dequantize_parts(self._buffers["gate_up_proj"][active], self._buffers["gate_up_proj" + SCALE][active],
-                                2, x_SD.dtype)
-        w2 = _dequantize_parts(self._buffers["down_proj"][active], self._buffers["down_proj" + SCALE][active], 1,
-                               x_SD.dtype)
+        b = self._buffers
+        w13 = block_dequantize_stacked(b["gate_up_proj"][active], b["gate_up_proj" + SCALE][active], 2, x_SD.dtype)
+        w2 = block_dequantize_stacked(b["down_proj"][active], b["down_proj" + SCALE][active], 1, x_SD.dtype)
         return grouped_swiglu(x_SD, counts_E[active].cumsum(0).to(torch.int32), w13, w2)
 
 
