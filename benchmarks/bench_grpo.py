@@ -7,8 +7,8 @@ transformers' DeepseekV3ForCausalLM (sdpa attention, grouped_mm experts). Both g
 characters, so groups have reward variance on a random policy), and the same settings: G completions
 per prompt, prompts per step, max completion length, temperature 1.0, top_p 1.0, beta 0 (no reference
 model), mu = 1, loss "dapo", group std scaling, one optimizer step per rollout over all completions
-(TRL: per_device_train_batch_size = prompts x G, no gradient accumulation), fp32, no gradient
-checkpointing, no vLLM. nanoseek's zero-variance filtering is off (TRL has none), so both train on
+(TRL: per_device_train_batch_size = prompts x G, no gradient accumulation), fp32 (`--precision bf16`: bf16
+autocast for the update on both sides; rollouts stay fp32 in nanoseek), no gradient checkpointing, no vLLM. nanoseek's zero-variance filtering is off (TRL has none), so both train on
 every completion.
 
 A step is rollout + rewards + advantages + forward/backward + optimizer step: nanoseek's
@@ -36,6 +36,7 @@ from common import load_report, machine_info, median, quiet_transformers, spread
 
 import nanoseek
 from nanoseek.data import default_corpus, train_tokenizer
+from nanoseek.machine import resolve_precision
 from nanoseek.rl.data import prompt_text, task_examples
 
 
@@ -62,7 +63,7 @@ def run_nanoseek(args, path: str, out: str, compile_rollouts: bool = False) -> t
                      temperature=1.0, top_p=1.0, lr=args.lr, beta=0.0, mu=1, loss_type="dapo", scale_rewards="group",
                      filter_zero_variance=False, micro_batch=args.prompts * args.group_size, save_every=0,
                      tensorboard=False, seed=args.seed, rewards={"digits": 1.0}, device="cpu",
-                     compile_rollouts=compile_rollouts)
+                     precision=args.precision, compile_rollouts=compile_rollouts)
     tr = GRPOTrainer(cfg, path, out, progress=False, reward_fns={"digits": digit_share})
     times, tokens = [], []
     for i in range(cfg.steps):
@@ -89,7 +90,8 @@ def run_trl(args, path: str, out: str) -> tuple[list[float], list[float]]:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa",
                                                  experts_implementation="grouped_mm")
     batch = args.prompts * args.group_size
-    cfg = GRPOConfig(output_dir=out, use_cpu=True, bf16=False, fp16=False, per_device_train_batch_size=batch,
+    cfg = GRPOConfig(output_dir=out, use_cpu=True, bf16=args.precision == "bf16", fp16=False,
+                     per_device_train_batch_size=batch,
                      gradient_accumulation_steps=1, num_generations=args.group_size,
                      max_completion_length=args.max_new_tokens, temperature=1.0, top_p=1.0, learning_rate=args.lr,
                      lr_scheduler_type="constant", warmup_steps=0, beta=0.0, num_iterations=1, loss_type="dapo",
@@ -131,12 +133,17 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2, help="runs per side, alternating the order")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", choices=["float32", "bf16", "auto"], default="float32",
+                   help="the update's precision on both sides: bf16 = nanoseek's precision='bf16' and TRL's bf16=True "
+                        "(autocast); auto = what `nanoseek info --machine` picks here (default: float32)")
     p.add_argument("--no-compile", dest="compile", action="store_false",
                    help="skip the 'nanoseek compiled' side (rollouts through torch.compile, compiled in its "
                         "warm-up step)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.precision == "auto":
+        args.precision = resolve_precision("auto", "cpu")
     quiet_transformers()
     import trl
     print(machine_info() + f", trl {trl.__version__}")
@@ -147,7 +154,7 @@ def main() -> None:
         params = nanoseek.from_pretrained(path).num_parameters()
         print(f"model: preset {args.preset!r}, {params:,} parameters, vocab {args.vocab}; G {args.group_size}, "
               f"{args.prompts} prompts/step ({args.prompts * args.group_size} completions), max "
-              f"{args.max_new_tokens} new tokens, T 1.0, beta 0, mu 1, loss dapo, fp32 CPU")
+              f"{args.max_new_tokens} new tokens, T 1.0, beta 0, mu 1, loss dapo, CPU, update in {args.precision}")
         sides = {"nanoseek": run_nanoseek, "TRL": run_trl}
         if args.compile:
             sides["nanoseek compiled"] = lambda *a: run_nanoseek(*a, compile_rollouts=True)

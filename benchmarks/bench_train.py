@@ -1,6 +1,7 @@
 """Training-step throughput: nanoseek vs HF transformers' DeepseekV3ForCausalLM, same weights and config.
 
-One step = forward, cross-entropy (fp32 logits) backward, AdamW step, zero_grad. Both models start from
+One step = forward, cross-entropy (fp32 logits) backward, AdamW step (fused, as nanoseek's trainers and
+transformers' Trainer use it; --unfused-adamw: torch's default for-loop), zero_grad. Both models start from
 the same weights (nanoseek `save_pretrained` -> HF `from_pretrained`), train on the same fixed batch
 (B x T input tokens, targets shifted by one), with identical AdamW settings and the same loss code.
 
@@ -161,14 +162,16 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--steps", type=int, default=5, help="measured steps per row (median reported)")
-    ap.add_argument("--warmup", type=int, default=2, help="warm-up steps per row")
+    ap.add_argument("--warmup", type=int, default=6,
+                    help="warm-up steps per row (bf16 on CPU builds a kernel per new GEMM shape in its first steps)")
     ap.add_argument("--precision", choices=["fp32", "bf16", "both"], default="both")
     ap.add_argument("--hf-experts", default="grouped_mm,eager",
                     help=f"comma-separated HF experts implementations to run as rows ({', '.join(EXPERTS_IMPLS)})")
     ap.add_argument("--no-mtp-row", action="store_true", help="skip the nanoseek+MTP row")
     ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--fused-adamw", action="store_true",
-                    help="AdamW(fused=True) for every row (default: torch's default AdamW, the for-loop on CPU)")
+    ap.add_argument("--unfused-adamw", dest="fused_adamw", action="store_false",
+                    help="torch's default AdamW (the for-loop on CPU) for every row, instead of AdamW(fused=True), "
+                         "which nanoseek's trainers and transformers' Trainer (optim adamw_torch_fused) use")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)")
     ap.add_argument("--peak-fp32", type=float, default=None, help="GFLOP/s; default: measure now")

@@ -22,7 +22,7 @@ import torch
 from .checkpoint import CheckpointError, from_pretrained, save_pretrained
 from .config import ConfigError, ModelConfig, PRESETS
 from .dist.mesh import PP_SCHEDULES
-from .machine import PRECISIONS, machine_profile
+from .machine import COMMAND_DEFAULTS, PRECISIONS, machine_profile
 from .runtime import is_main_process
 from .model import build_model
 
@@ -120,7 +120,8 @@ def cmd_train(args) -> None:
                            seed=args.seed, data=args.data or None, tokenizer=args.tokenizer,
                            precision=args.precision, balance=args.balance, dp_shard=args.dp_shard,
                            dp_replicate=args.dp_replicate, ep=args.ep, pp=args.pp, pp_schedule=args.pp_schedule,
-                           microbatches=args.microbatches, init_from=args.init_from, dsa_stage=args.dsa_stage)
+                           microbatches=args.microbatches, init_from=args.init_from, dsa_stage=args.dsa_stage,
+                           defaults=COMMAND_DEFAULTS)
     trainer = Trainer(cfg, args.out, resume=args.resume, progress=not args.no_progress)
     say = print if is_main_process() else (lambda *a, **k: None)  # under torchrun: rank 0 speaks
     say(f"training {cfg.preset!r} ({trainer.model.num_parameters():,} parameters) for {cfg.max_steps} steps "
@@ -169,8 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local .txt/.jsonl/.parquet files or folders (default: the embedded task corpus)")
     p.add_argument("--tokenizer", default=None, help="an existing tokenizer folder (default: train one)")
     p.add_argument("--precision", default=None, choices=PRECISIONS,
-                   help="default: float32; auto: bf16 where this machine's bf16 GEMMs are faster (nanoseek info "
-                        "--machine); fp8: DeepSeek-V3's FP8 recipe (docs/design/fp8.md)")
+                   help="default: auto, bf16 where this machine's bf16 GEMMs are faster, else float32 (nanoseek "
+                        "info --machine); fp8: DeepSeek-V3's FP8 recipe (docs/design/fp8.md)")
     p.add_argument("--balance", default=None, choices=["aux_free", "aux_loss", "none"],
                    help="expert balancing (default: aux_free)")
     p.add_argument("--init-from", default=None,

@@ -101,9 +101,13 @@ def read_config_file(cls, path: str | os.PathLike) -> dict:
     return values
 
 
-def load_config(cls, path: str | os.PathLike | None = None, overrides: dict | None = None):
-    """`cls` built from its defaults <- a JSON/TOML file (read_config_file) <- overrides (None values ignored)."""
-    values = read_config_file(cls, path) if path is not None else {}
+def load_config(cls, path: str | os.PathLike | None = None, overrides: dict | None = None,
+                defaults: dict | None = None):
+    """`cls` built from its defaults <- `defaults` (a command's own, e.g. the CLI's precision "auto") <- a
+    JSON/TOML file (read_config_file) <- overrides (None values ignored)."""
+    values = dict(defaults or {})
+    if path is not None:
+        values.update(read_config_file(cls, path))
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return cls(**values)
 

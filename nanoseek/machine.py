@@ -3,12 +3,13 @@
 CPUs differ by more than a factor of ten in how their bf16 GEMMs compare with fp32 ones: on a Xeon with
 AVX512-BF16 but no AMX, bf16 ran at half the fp32 rate; with AMX, or on an EPYC with AVX512-BF16, several times
 faster (benchmarks/README.md, "Figures cited from code"). CPU flags do not tell these apart, so `auto` times the
-two GEMM kinds a training step is made of, in both dtypes, at shapes of the `small` preset: a dense matmul (attention
-projections, the head) and a grouped matmul (the routed experts). bf16 autocast is chosen when the dense GEMM is
-faster in bf16 by BF16_MARGIN and the grouped one is no slower (the experts follow the autocast dtype); on CUDA
-bf16 always is. The probe takes about a second; its result is cached per machine
-(CPU model, threads, torch version) in `$XDG_CACHE_HOME/nanoseek/machine.json` (default ~/.cache), so every run
-on one machine makes the same choice. `nanoseek info --machine` prints it; `--remeasure` measures again.
+two kinds of work a training step is made of, in both dtypes, at shapes of the `small` preset: a dense matmul
+(attention projections, the head) and the routed experts' forward and backward (grouped matmuls whose shapes
+follow the routing). bf16 autocast is chosen when a training step's matmuls, weighted by their FLOPs, come out
+BF16_MARGIN faster in bf16 (the experts follow the autocast dtype); on CUDA bf16 always is. The probe takes about
+a second; its result is cached per machine (CPU model, threads, torch version, probe version) in
+`$XDG_CACHE_HOME/nanoseek/machine.json` (default ~/.cache), so every run on one machine makes the same choice.
+`nanoseek info --machine` prints it; `--remeasure` measures again.
 """
 
 from __future__ import annotations
@@ -24,8 +25,17 @@ from dataclasses import dataclass
 
 import torch
 
+from .model.moe import grouped_swiglu
+
 BF16_MARGIN = 1.2        # bf16 must be this much faster: a near tie is not worth bf16's rounding
+# the routed experts' share of a training step's matmul FLOPs in the small preset (1.18M of its 4.68M active matmul
+# parameters; benchmarks/README.md, "MFU"); the dense GEMMs do the rest
+EXPERT_SHARE = 0.25
 PRECISIONS = ("auto", "float32", "bf16", "fp8")
+PROBE_VERSION = 2        # part of the cache key: a changed probe measures again
+# the training commands' default (a --config file or --precision overrides it); the config classes keep float32,
+# so that the API gives the same numbers on every machine
+COMMAND_DEFAULTS = {"precision": "auto"}
 
 
 @dataclass(frozen=True)
@@ -33,7 +43,7 @@ class MachineProfile:
     """Attributes:
         cpu: the CPU model (/proc/cpuinfo), threads: torch's CPU threads, torch: its version.
         dense_fp32, dense_bf16: GFLOP/s of a (2048 x 256) @ (256 x 768) matmul.
-        grouped_fp32, grouped_bf16: GFLOP/s of a grouped matmul: 16 experts, 128 tokens each, 256 -> 256.
+        grouped_fp32, grouped_bf16: GFLOP/s of the routed experts' forward and backward (see `probe`).
     """
 
     cpu: str
@@ -45,8 +55,17 @@ class MachineProfile:
     grouped_bf16: float
 
     @property
+    def bf16_speedup(self) -> float:
+        """fp32 over bf16 time of a training step's matmuls: the dense and the experts' FLOPs (EXPERT_SHARE) at
+        the measured rates. Elementwise work is not in it; on the AMX Xeon of benchmarks/README.md a predicted
+        1.9x came out as 1.3x for the whole pretraining step."""
+        def seconds(dense: float, experts: float) -> float:
+            return (1 - EXPERT_SHARE) / dense + EXPERT_SHARE / experts
+        return seconds(self.dense_fp32, self.grouped_fp32) / seconds(self.dense_bf16, self.grouped_bf16)
+
+    @property
     def bf16_pays(self) -> bool:
-        return self.dense_bf16 >= BF16_MARGIN * self.dense_fp32 and self.grouped_bf16 >= self.grouped_fp32
+        return self.bf16_speedup >= BF16_MARGIN
 
     @property
     def precision(self) -> str:
@@ -55,12 +74,13 @@ class MachineProfile:
 
     def describe(self) -> str:
         return (f"{self.cpu}; {self.threads} threads; torch {self.torch}\n"
-                f"dense GEMM   fp32 {self.dense_fp32:7.1f}  bf16 {self.dense_bf16:7.1f} GFLOP/s "
+                f"dense GEMM fp32 {self.dense_fp32:7.1f}  bf16 {self.dense_bf16:7.1f} GFLOP/s "
                 f"(bf16 {self.dense_bf16 / self.dense_fp32:.2f}x)\n"
-                f"grouped GEMM fp32 {self.grouped_fp32:7.1f}  bf16 {self.grouped_bf16:7.1f} GFLOP/s "
+                f"experts    fp32 {self.grouped_fp32:7.1f}  bf16 {self.grouped_bf16:7.1f} GFLOP/s "
                 f"(bf16 {self.grouped_bf16 / self.grouped_fp32:.2f}x)\n"
-                f"--precision auto: {self.precision} (bf16 when dense GEMMs are >= {BF16_MARGIN}x faster in bf16 "
-                "and grouped ones no slower)")
+                f"a training step's matmuls: bf16 {self.bf16_speedup:.2f}x as fast ({EXPERT_SHARE:.0%} of their "
+                f"FLOPs in the experts)\n"
+                f"--precision auto: {self.precision} (bf16 when that is >= {BF16_MARGIN}x)")
 
 
 def cpu_model() -> str:
@@ -91,18 +111,29 @@ def _best_seconds(fns: dict, seconds: float) -> dict:
 
 def probe(seconds: float = 1.0) -> MachineProfile:
     """Measure the four GEMM rates on this CPU (about `seconds` in all) at the small preset's shapes: 2048 tokens of
-    width 256; a 256 -> 768 projection; 16 experts' gate+up projections (256 -> 2 x 128) over 128 tokens each."""
+    width 256; a 256 -> 768 projection; the routed experts' forward and backward (16 experts, SwiGLU 256 -> 2 x 128
+    -> 256) through the model's own code, with per-expert row counts that change at every call, as routing makes
+    them (on CPU, bf16 GEMMs pay a kernel build per new shape: nanoseek/model/buckets.py)."""
     g = torch.Generator().manual_seed(0)
-    tokens, dim, inter, experts = 2048, 256, 768, 16
+    tokens, dim, inter, experts, moe_inter = 2048, 256, 768, 16, 128
     x, w = torch.randn(tokens, dim, generator=g), torch.randn(inter, dim, generator=g)
-    w_E = torch.randn(experts, 256, dim, generator=g)
-    offsets = torch.arange(1, experts + 1, dtype=torch.int32) * (tokens // experts)
+    w13 = torch.randn(experts, 2 * moe_inter, dim, generator=g).requires_grad_()
+    w2 = torch.randn(experts, dim, moe_inter, generator=g).requires_grad_()
+    grad = torch.randn(tokens, dim, generator=g)
+    routing = torch.Generator().manual_seed(1)
+
+    def experts_step(xd):
+        counts = torch.multinomial(torch.ones(experts), tokens, replacement=True, generator=routing).bincount(
+            minlength=experts)
+        grouped_swiglu(xd, counts.cumsum(0).to(torch.int32), w13, w2).backward(grad.to(xd.dtype))
+
     fns, flops = {}, {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        xd, wd, wd_E = x.to(dtype), w.to(dtype), w_E.to(dtype)
+        xd, wd = x.to(dtype), w.to(dtype)
         fns[f"dense_{name}"] = lambda xd=xd, wd=wd: xd @ wd.t()
-        fns[f"grouped_{name}"] = lambda xd=xd, wd_E=wd_E: torch._grouped_mm(xd, wd_E.transpose(1, 2), offs=offsets)
-        flops[f"dense_{name}"], flops[f"grouped_{name}"] = 2 * tokens * dim * inter, 2 * tokens * dim * 256
+        fns[f"grouped_{name}"] = lambda xg=xd.clone().requires_grad_(): experts_step(xg)
+        flops[f"dense_{name}"] = 2 * tokens * dim * inter
+        flops[f"grouped_{name}"] = 3 * 2 * tokens * 3 * dim * moe_inter   # forward + backward of three projections
     best = _best_seconds(fns, seconds)
     rates = {name: flops[name] / best[name] / 1e9 for name in fns}
     return MachineProfile(cpu=cpu_model(), threads=torch.get_num_threads(), torch=torch.__version__, **rates)
@@ -113,12 +144,17 @@ def _cache_file() -> str:
     return os.path.join(root, "nanoseek", "machine.json")
 
 
+def cache_key(cpu: str, threads: int, torch_version: str) -> str:
+    """The cache entry of a machine: a changed CPU, thread count, torch or probe measures again."""
+    return f"{cpu} | {threads} threads | torch {torch_version} | probe {PROBE_VERSION}"
+
+
 def machine_profile(remeasure: bool = False) -> MachineProfile:
     """This machine's profile: from the cache when it holds one for this CPU, thread count and torch, else
     measured and cached. A probe taken while other processes kept the cores busy (load average above the core
     count) is used once but not cached: other jobs can swing one dtype's rate several-fold between calls. An
     unwritable cache only costs the next run another probe."""
-    key = f"{cpu_model()} | {torch.get_num_threads()} threads | torch {torch.__version__}"
+    key = cache_key(cpu_model(), torch.get_num_threads(), torch.__version__)
     path = _cache_file()
     try:
         with open(path) as f:

@@ -67,7 +67,8 @@ def cfg(tmp_path_factory) -> dict:
     train_tokenizer(default_corpus(300), vocab_size=512).save(tok)
     return {"preset": "tiny", "model": {"num_hidden_layers": 4}, "corpus_docs": 300, "tokenizer": str(tok),
             "seq_len": 32, "batch_size": 8, "max_steps": 3, "save_every": 2, "val_every": 3, "val_batches": 1,
-            "log_every": 1, "peak_gflops": 100.0, "warmup_steps": 1}
+            "log_every": 1, "peak_gflops": 100.0, "warmup_steps": 1,
+            "precision": "float32"}  # the CLI's default is auto; the reference run is the dataclass's fp32
 
 
 @pytest.fixture(scope="module")

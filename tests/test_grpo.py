@@ -121,6 +121,24 @@ def test_beta_loads_a_reference_and_logs_kl(init_dir, tmp_path):
     assert trainer(init_dir, tmp_path / "b0", toy_cfg(steps=1)).ref is None
 
 
+@pytest.mark.parametrize("precision", ["float32", "bf16"])
+def test_precision_autocasts_the_update_and_buckets_its_batches(init_dir, tmp_path, monkeypatch, precision):
+    seen = []
+    score = grpo_module.completion_logprobs
+
+    def spy(model, batch, *args, **kwargs):
+        seen.append((torch.is_autocast_enabled("cpu"), batch.completion_ids.shape[1]))
+        return score(model, batch, *args, **kwargs)
+
+    monkeypatch.setattr(grpo_module, "completion_logprobs", spy)
+    tr = trainer(init_dir, tmp_path, toy_cfg(steps=1, mu=2, precision=precision))
+    row = tr.train_step()
+    assert tr.precision == precision and math.isfinite(row["loss"]) and row["grad_norm"] > 0
+    low = precision == "bf16"
+    assert len(seen) == 3 * 2 and all(autocast == low for autocast, _ in seen)   # (pi_old + 2 passes) x 2 micro-batches
+    assert ({width for _, width in seen} == {16}) == low     # at most 8 new tokens: bucketed to 16 in bf16 only
+
+
 def test_mu_above_one_moves_the_ratio_and_clips(init_dir, tmp_path):
     row = trainer(init_dir, tmp_path, toy_cfg(steps=1, mu=4, lr=1e-2, eps_low=0.01, eps_high=0.01)).train_step()
     assert row["ratio_mean"] != 1.0
@@ -244,7 +262,8 @@ def test_config_errors_name_the_field(init_dir, tmp_path):
     for bad, field in [(dict(group_size=1), "group_size"), (dict(loss_type="ppo"), "loss_type"),
                        (dict(scale_rewards="yes"), "scale_rewards"), (dict(eps_low=1.5), "eps_low"),
                        (dict(rewards={}), "rewards"), (dict(temperature=0), "temperature"),
-                       (dict(reward_params={"cosine": {}}), "reward_params"), (dict(max_num_seqs=3), "max_num_seqs")]:
+                       (dict(reward_params={"cosine": {}}), "reward_params"), (dict(max_num_seqs=3), "max_num_seqs"),
+                       (dict(precision="fp8"), "precision")]:
         with pytest.raises(ConfigError, match=f"GRPOConfig.{field}"):
             GRPOConfig(**bad)
     with pytest.raises(ValueError, match="unknown reward"):

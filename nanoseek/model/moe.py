@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from .buckets import bucketed_counts, bucketing_pays
 
 
 class MLP(nn.Module):
@@ -111,8 +112,26 @@ def expert_dtype(x: torch.Tensor) -> torch.dtype:
 def grouped_swiglu(x_SD, offsets_E, w13, w2) -> torch.Tensor:
     """down_e(silu(gate_e x) * up_e x) for rows grouped by expert (offsets_E: each group's end row)."""
     w13, w2 = w13.to(x_SD.dtype), w2.to(x_SD.dtype)
+    if bucketing_pays(x_SD.dtype, x_SD.device) and x_SD.shape[0]:
+        return _bucketed_swiglu(x_SD, offsets_E, w13, w2)
+    return _swiglu(x_SD, offsets_E, w13, w2)
+
+
+def _swiglu(x_SD, offsets_E, w13, w2) -> torch.Tensor:
     gate, up = torch._grouped_mm(x_SD, w13.transpose(1, 2), offs=offsets_E).chunk(2, dim=-1)
     return torch._grouped_mm(F.silu(gate) * up, w2.transpose(1, 2), offs=offsets_E)
+
+
+def _bucketed_swiglu(x_SD, offsets_E, w13, w2) -> torch.Tensor:
+    """grouped_swiglu with each expert's rows padded with zero rows to a bucketed count (nanoseek/model/buckets.py):
+    the routing gives every expert a new row count at every step, and without buckets the kernel builds made bf16
+    training steps 2.5x slower than fp32 on a CPU whose bf16 GEMMs are 4x faster. The padded rows are dropped."""
+    counts_E = torch.diff(offsets_E.long(), prepend=offsets_E.new_zeros(1, dtype=torch.long))
+    padded_E = bucketed_counts(counts_E)
+    shift_E = (padded_E.cumsum(0) - padded_E) - (offsets_E.long() - counts_E)   # padded start - start
+    rows_S = torch.arange(x_SD.shape[0], device=x_SD.device) + shift_E.repeat_interleave(counts_E)
+    x_PD = x_SD.new_zeros(int(padded_E.sum()), x_SD.shape[1]).index_copy(0, rows_S, x_SD)
+    return _swiglu(x_PD, padded_E.cumsum(0).to(torch.int32), w13, w2).index_select(0, rows_S)
 
 
 def dispatch(x_ND: torch.Tensor, idx_NK: torch.Tensor, dtype: torch.dtype):

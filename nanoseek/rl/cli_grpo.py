@@ -6,6 +6,7 @@ in any of them are one-line ConfigError/ValueError messages that `nanoseek.cli.m
 
 from __future__ import annotations
 
+from ..machine import COMMAND_DEFAULTS
 
 
 def add_parsers(sub) -> None:
@@ -31,6 +32,9 @@ def add_parsers(sub) -> None:
                    help="extra rollout rounds per step that replace zero-variance groups (DAPO; default: 0, off)")
     p.add_argument("--positive-only", action="store_true", default=None,
                    help="train only on completions better than their group's mean (RAFT++; default: off)")
+    p.add_argument("--precision", choices=["auto", "float32", "bf16"], default=None,
+                   help="the update's forward/backward (default: auto, bf16 where this machine's bf16 GEMMs are "
+                        "faster, else float32; nanoseek info --machine); rollouts decode in fp32")
     p.add_argument("--compile", action="store_true", default=None,
                    help="decode rollouts through torch.compile (compiles in the first step; for long runs)")
     p.add_argument("--seed", type=int, default=None, help="problem order and sampling seed (default: 0)")
@@ -51,8 +55,8 @@ def cmd_grpo(args) -> None:
                           max_new_tokens=args.max_new_tokens, beta=args.beta, loss_type=args.loss_type, lr=args.lr,
                           mu=args.mu, equation_credit=args.equation_credit,
                           dynamic_sampling=args.dynamic_sampling, positive_only=args.positive_only,
-                          compile_rollouts=args.compile, seed=args.seed,
-                          threads=args.threads)
+                          precision=args.precision, compile_rollouts=args.compile, seed=args.seed,
+                          threads=args.threads, defaults=COMMAND_DEFAULTS)
     trainer = GRPOTrainer(cfg, args.init, args.out, resume=args.resume, progress=not args.no_progress)
     last = trainer.fit()
     if last:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 
-from ..machine import PRECISIONS
+from ..machine import COMMAND_DEFAULTS, PRECISIONS
 
 
 def add_parsers(sub) -> None:
@@ -48,7 +48,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--seed", type=int, default=None, help="seed of every stage (default: 0)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--precision", default=None, choices=PRECISIONS,
-                   help="pretraining/SFT/distillation precision (default: float32; auto: bf16 where faster here)")
+                   help="training precision of every stage (default: auto, bf16 where faster here, else float32)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
     p.set_defaults(func=cmd_r1)
 
@@ -129,6 +129,6 @@ def cmd_r1(args) -> None:
     from .pipeline import R1Config, R1Pipeline
 
     cfg = R1Config.load(args.config, scale=args.scale, preset=args.preset, seed=args.seed, threads=args.threads,
-                        precision=args.precision)
+                        precision=args.precision, defaults=COMMAND_DEFAULTS)
     report = R1Pipeline(cfg, args.out, progress=not args.no_progress).run(args.stages)
     print(f"done in {report['total_seconds'] / 60:.1f} min: {args.out}/report.md and report.json")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..machine import PRECISIONS
+from ..machine import COMMAND_DEFAULTS, PRECISIONS
 
 
 def add_parsers(sub) -> None:
@@ -54,7 +54,7 @@ def _common_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="data order / student init seed (default: 0)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--precision", default=None, choices=PRECISIONS,
-                   help="default: float32; auto: bf16 where this machine's bf16 GEMMs are faster; fp8")
+                   help="default: auto, bf16 where this machine's bf16 GEMMs are faster, else float32; fp8")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
 
@@ -79,7 +79,7 @@ def cmd_sft(args) -> None:
     from .sft import SFTConfig, SFTTrainer
 
     require_folder(args.out, "--out")
-    cfg = SFTConfig.load(args.config, **_overrides(args))
+    cfg = SFTConfig.load(args.config, defaults=COMMAND_DEFAULTS, **_overrides(args))
     trainer = SFTTrainer(cfg, args.init, args.out, resume=args.resume, progress=not args.no_progress)
     print(f"fine-tuning {args.init} ({trainer.model.num_parameters():,} parameters) on {len(trainer.examples):,} "
           f"examples for {trainer.max_steps} steps into {args.out}"
@@ -93,7 +93,7 @@ def cmd_distill(args) -> None:
     from .distill import Distiller, DistillConfig
 
     require_folder(args.out, "--out")
-    cfg = DistillConfig.load(args.config, **_overrides(args), teacher=args.teacher, student_init=args.student_init,
+    cfg = DistillConfig.load(args.config, defaults=COMMAND_DEFAULTS, **_overrides(args), teacher=args.teacher, student_init=args.student_init,
                              student_preset=args.student_preset, kd_alpha=args.kd_alpha,
                              kd_temperature=args.kd_temperature)
     trainer = Distiller(cfg, args.out, resume=args.resume, progress=not args.no_progress)

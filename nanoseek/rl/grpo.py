@@ -55,6 +55,7 @@ from ..checkpoint import from_pretrained
 from ..config import ConfigError, Validator, is_number, load_config
 from ..data.tokenizer import Tokenizer
 from ..infer import LLM, prompt_opens_think
+from ..model.buckets import bucketing_pays
 from ..runtime import is_main_process
 from ..train.metrics import read_jsonl
 from ..train.run import TrainingRun
@@ -67,6 +68,7 @@ from .rewards import REWARDS, RewardFunction, RewardScores, accuracy_reward, com
 from .rollout import Rollout, completion_logprobs, pad_batch, sample_groups, sync_engine
 
 SCALE_REWARDS = ("group", "batch", "none")
+GRPO_PRECISIONS = ("auto", "float32", "bf16")
 RECHECK_WORDS = ("wait", "check")  # the issue's narrow "re-check" signal; reflection_share uses R1's ten words
 
 
@@ -117,6 +119,10 @@ class GRPOConfig:
             negative advantage are left out of the update and negative token advantages become 0 (RAFT++,
             Xiong et al. 2025: online rejection sampling with GRPO's baseline). See the module doc.
         max_num_seqs: sequences the engine decodes at once (0: all of a step, prompts_per_step x G).
+        precision: the update's forward/backward: "float32", "bf16" (autocast over fp32 weights) or "auto" (bf16
+            where this machine's bf16 GEMMs are faster; nanoseek/machine.py). The rollouts decode in the weights'
+            fp32 either way, and with mu > 1 the old log-probs come from the update's precision, so the first
+            pass's ratio stays exactly 1.
         compile_rollouts: decode the rollouts through torch.compile (`LLM(compile=True)`). The first step
             compiles (about a minute on 2 CPU cores); later decode steps run fused kernels (see
             benchmarks/README.md, GRPO step vs TRL). Worth it for long runs, not for a few dozen steps.
@@ -159,6 +165,7 @@ class GRPOConfig:
     mask_truncated: bool = False
     positive_only: bool = False
     max_num_seqs: int = 0
+    precision: str = "float32"
     compile_rollouts: bool = False
     save_every: int = 50
     keep_checkpoints: int = 2
@@ -201,13 +208,14 @@ class GRPOConfig:
         for name in ("eps_high", "beta", "equation_credit"):
             v.number(name, 0)
         v.one_of("loss_type", LOSS_TYPES)
+        v.one_of("precision", GRPO_PRECISIONS)
         v.one_of("scale_rewards", SCALE_REWARDS)
         v.flags("filter_zero_variance", "mask_truncated", "positive_only", "compile_rollouts", "tensorboard")
 
     @classmethod
-    def load(cls, path: str | os.PathLike | None = None, **overrides) -> "GRPOConfig":
-        """Defaults <- JSON/TOML file <- overrides (None values are ignored)."""
-        return load_config(cls, path, overrides)
+    def load(cls, path: str | os.PathLike | None = None, defaults: dict | None = None, **overrides) -> "GRPOConfig":
+        """Defaults <- `defaults` <- JSON/TOML file <- overrides (None values are ignored)."""
+        return load_config(cls, path, overrides, defaults)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -253,6 +261,10 @@ class GRPOTrainer:
         self.think_opened = prompt_opens_think(prompt_text(self.problems[0], self.tokenizer, cfg.template))
         run.attach(model, self.tokenizer, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
                    grad_clip=cfg.grad_clip)
+        self.precision = run.resolve_precision(cfg.precision)
+        # bf16 on CPU: scoring batches padded to bucketed lengths (nanoseek/model/buckets.py)
+        low = self.precision == "bf16" and bucketing_pays(torch.bfloat16, run.device)
+        self.bucket_limit = model.cfg.max_position_embeddings if low else 0
         # one engine for the whole run; it holds self.model itself, so updates are sampled from at once
         max_len = max(map(len, self.prompts)) + cfg.max_new_tokens
         self.llm = LLM(self.model, self.tokenizer, max_num_seqs=cfg.max_num_seqs or cfg.prompts_per_step * cfg.group_size,
@@ -429,7 +441,8 @@ class GRPOTrainer:
         batches = []
         for s in range(0, len(local), cfg.micro_batch):
             mb = local[s:s + cfg.micro_batch]
-            scoring = pad_batch([ro.prompt_ids[i] for i in mb], [ro.completion_ids[i] for i in mb], dev)
+            scoring = pad_batch([ro.prompt_ids[i] for i in mb], [ro.completion_ids[i] for i in mb], dev,
+                                bucket_limit=self.bucket_limit)
             mask = scoring.mask
             if cfg.mask_truncated:  # DAPO overlong filtering
                 mask = mask * torch.tensor([not ro.truncated[i] for i in mb], dtype=mask.dtype, device=dev)[:, None]
@@ -442,7 +455,7 @@ class GRPOTrainer:
             if cfg.positive_only:
                 a = a.clamp(min=0)
             b = {"scoring": scoring, "mask": mask, "adv": a.to(dev), "rows": len(mb)}
-            with torch.no_grad():
+            with torch.no_grad(), self._autocast():
                 if cfg.mu > 1:  # pi_old = the weights that sampled; needed once the first update has moved them
                     b["old"] = completion_logprobs(model, scoring, cfg.temperature)[0]
                 if self.ref is not None:
@@ -458,7 +471,8 @@ class GRPOTrainer:
         sums: dict[str, float] = {}  # token-weighted statistics over every micro-batch of every pass
 
         def loss_fn(b: dict, first_pass: bool) -> tuple[torch.Tensor, dict[str, float]]:
-            logp, ent = completion_logprobs(model, b["scoring"], cfg.temperature, with_entropy=first_pass)
+            with self._autocast():
+                logp, ent = completion_logprobs(model, b["scoring"], cfg.temperature, with_entropy=first_pass)
             old = b.get("old", logp.detach())
             loss, st = grpo_loss(logp, old, b.get("ref"), b["adv"], b["mask"], cfg.eps_low, cfg.eps_high,
                                  cfg.beta, cfg.loss_type, cfg.max_new_tokens,
@@ -490,6 +504,9 @@ class GRPOTrainer:
         return {"loss": sum(losses) / len(losses), "grad_norm": grad_norm,
                 "clip_ratio": sums.pop("clip_frac"), "clip_ratio/low": sums.pop("clip_frac_low"),
                 "clip_ratio/high": sums.pop("clip_frac_high"), **sums}
+
+    def _autocast(self):
+        return torch.autocast(self.run.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
     # ---- what the run's loop asks for, and the loop --------------------------------------------------
     def state_dict(self) -> dict:

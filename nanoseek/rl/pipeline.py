@@ -76,7 +76,8 @@ class R1Config:
         threads: torch CPU threads (0: torch's default).
         precision: precision of the pretraining, SFT and distillation stages ("float32", "bf16", "fp8" or "auto":
             bf16 where this machine's bf16 GEMMs are faster; nanoseek/machine.py); a stage's own `precision` wins.
-            The RL stages compute in fp32.
+            The RL stages' updates take it too (bf16 for "fp8": they have no FP8 path); their rollouts decode in
+            fp32.
     """
 
     tasks: list[str] = field(default_factory=lambda: ["arithmetic", "countdown", "linear"])
@@ -132,13 +133,15 @@ class R1Config:
                 raise ConfigError(f"R1Config.{name} must be >= 1, got {getattr(self, name)}")
 
     @classmethod
-    def load(cls, path: str | None = None, **overrides) -> "R1Config":
-        """Defaults <- JSON/TOML file (stage dicts are merged into the defaults) <- overrides (None ignored)."""
+    def load(cls, path: str | None = None, defaults: dict | None = None, **overrides) -> "R1Config":
+        """Defaults <- `defaults` <- JSON/TOML file (stage dicts are merged into the defaults) <- overrides (None
+        ignored)."""
         values = read_config_file(cls, path) if path is not None else {}
-        defaults = cls()
+        base = cls()
         for key, value in values.items():
-            if isinstance(getattr(defaults, key), dict) and isinstance(value, dict):
-                values[key] = {**getattr(defaults, key), **value}
+            if isinstance(getattr(base, key), dict) and isinstance(value, dict):
+                values[key] = {**getattr(base, key), **value}
+        values = {**(defaults or {}), **values}
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
@@ -288,7 +291,8 @@ class R1Pipeline:
     def _grpo(self, stage: str, init: str, overrides: dict) -> tuple[str, str, dict]:
         from .grpo import GRPOConfig, GRPOTrainer
 
-        values = {"tasks": self.cfg.tasks, "difficulty": self.cfg.difficulty, "seed": self.cfg.seed, **overrides}
+        values = {"tasks": self.cfg.tasks, "difficulty": self.cfg.difficulty, "seed": self.cfg.seed,
+                  "precision": {"fp8": "bf16"}.get(self.cfg.precision, self.cfg.precision), **overrides}
         values["steps"] = self.cfg.n(values.get("steps", 40))
         cfg = GRPOConfig(**values)
         trainer = GRPOTrainer(cfg, init, self._dir(stage), resume=self._started(stage), progress=self.progress)

@@ -24,6 +24,7 @@ import torch
 
 from ..infer import LLM, SamplingParams
 from ..model import Transformer
+from ..model.buckets import bucketed
 
 
 @dataclass
@@ -112,13 +113,17 @@ class ScoringBatch:
 
 
 def pad_batch(prompt_ids: Sequence[list[int]], completion_ids: Sequence[list[int]],
-              device: torch.device | str = "cpu") -> ScoringBatch:
-    """Group completions under their distinct prompts (equal token lists are one prompt) and pad both."""
+              device: torch.device | str = "cpu", bucket_limit: int = 0) -> ScoringBatch:
+    """Group completions under their distinct prompts (equal token lists are one prompt) and pad both; with
+    bucket_limit (the model's positions) > 0, to bucketed lengths within it (nanoseek/model/buckets.py: few
+    distinct shapes for a CPU bf16 forward)."""
     groups: dict[tuple[int, ...], int] = {}
     group = [groups.setdefault(tuple(p), len(groups)) for p in prompt_ids]
     prompts = list(groups)
     P, B = max(map(len, prompts)), len(completion_ids)
     C = max(1, max(len(c) for c in completion_ids))
+    if bucket_limit:
+        P, C = max(P, min(bucketed(P), bucket_limit)), max(C, min(bucketed(C), bucket_limit - P))
     pids = torch.zeros(len(prompts), P, dtype=torch.long)
     cids = torch.zeros(B, C, dtype=torch.long)
     mask = torch.zeros(B, C)

@@ -31,6 +31,7 @@ from ..data.dataset import IGNORE_INDEX
 from ..data.tokenizer import TOKENIZER_FILE, Tokenizer
 from ..fp8.convert import convert_to_fp8
 from ..machine import PRECISIONS
+from ..model.buckets import bucketing_pays
 from ..runtime import is_main_process
 from ..train.metrics import write_plots
 from ..train.run import TrainingRun
@@ -128,9 +129,9 @@ class SFTConfig:
         v.flags("packing")
 
     @classmethod
-    def load(cls, path: str | os.PathLike | None = None, **overrides):
-        """Defaults <- JSON/TOML file <- overrides (None values are ignored), like TrainConfig.load."""
-        return load_config(cls, path, overrides)
+    def load(cls, path: str | os.PathLike | None = None, defaults: dict | None = None, **overrides):
+        """Defaults <- `defaults` <- JSON/TOML file <- overrides (None values are ignored), like TrainConfig.load."""
+        return load_config(cls, path, overrides, defaults)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -195,6 +196,9 @@ class SFTTrainer:
         self.precision = run.resolve_precision(cfg.precision)
         if self.precision == "fp8":  # a transform of the built model, before parallelism and the optimizer
             convert_to_fp8(model)
+        # micro-batches padded to bucketed lengths where GEMMs build a kernel per shape (nanoseek/model/buckets.py)
+        low = self.precision in ("bf16", "fp8")
+        self.bucket_limit = cfg.seq_len if low and bucketing_pays(torch.bfloat16, run.device) else 0
         state = run.attach(model, self.tokenizer, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                            weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, moments=cfg.optimizer_moments)
         self.model = run.model
@@ -254,7 +258,7 @@ class SFTTrainer:
         lr = lr_at(run.step, self.max_steps, cfg.lr, self.warmup, "cosine", cfg.min_lr_ratio)
         t0 = time.perf_counter()
         micro = [tuple(t.to(run.device) for t in collate_examples([self.examples[i] for i in next(self.batches)],
-                                                                  self.tokenizer.pad_id))
+                                                                  self.tokenizer.pad_id, self.bucket_limit))
                  for _ in range(cfg.grad_accum)]
         n_tokens = sum(int((labels != IGNORE_INDEX).sum()) for _, labels in micro)
         weights = self.loss_weights()

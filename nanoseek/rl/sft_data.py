@@ -39,6 +39,7 @@ import torch
 from ..data.dataset import IGNORE_INDEX
 from ..data.r1_format import THINK
 from ..data.tokenizer import Tokenizer
+from ..model.buckets import bucketed
 from .data import prompt_text
 
 GROUP_WINDOW = 32  # micro-batches per length-sorting window (enough to group, still shuffled)
@@ -120,9 +121,14 @@ def build_examples(rows: Sequence[Mapping], tokenizer: Tokenizer, seq_len: int,
     return examples
 
 
-def collate_examples(examples: Sequence[SFTExample], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, labels), int64 [B, T] right-padded to the longest example (labels IGNORE_INDEX there)."""
+def collate_examples(examples: Sequence[SFTExample], pad_id: int,
+                     bucket_limit: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, labels), int64 [B, T] right-padded to the longest example (labels IGNORE_INDEX there). With
+    bucket_limit > 0, T is rounded up to a bucket (nanoseek/model/buckets.py), at most bucket_limit: few distinct
+    shapes for a CPU bf16 run."""
     T = max(len(ex.tokens) - 1 for ex in examples)
+    if bucket_limit:
+        T = max(T, min(bucketed(T), bucket_limit))
     ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), T), IGNORE_INDEX, dtype=torch.long)
     for b, ex in enumerate(examples):

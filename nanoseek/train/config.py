@@ -167,9 +167,9 @@ class TrainConfig:
                       "needs a model with an indexer: set index_n_heads, index_head_dim and index_topk in `model`")
 
     @classmethod
-    def load(cls, path: str | os.PathLike | None = None, **overrides) -> "TrainConfig":
-        """Defaults <- JSON/TOML file <- overrides (None values are ignored)."""
-        return load_config(cls, path, overrides)
+    def load(cls, path: str | os.PathLike | None = None, defaults: dict | None = None, **overrides) -> "TrainConfig":
+        """Defaults <- `defaults` <- JSON/TOML file <- overrides (None values are ignored)."""
+        return load_config(cls, path, overrides, defaults)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
