@@ -15,6 +15,13 @@ storage, parameters excluded), measured with torch.autograd.graph.saved_tensors_
 
     python benchmarks/bench_precision.py                 # small preset, 200 steps; plot docs/precision_loss.png
     python benchmarks/bench_precision.py --precisions bf16,fp8 --steps 40 --preset tiny --plot ''  # a quick look
+
+`--r1` compares instead the pretraining stage of `nanoseek r1` (1400 steps of 4 x 512 tokens on its task corpus,
+about 16 minutes per run on 2 CPU cores) to its end, with the base model's held-out pass@1 that the R1 report
+starts from: float32 and bf16, each at seeds 0 and 1 (another initialisation and data order: the spread that is
+not precision's). Runs already finished in --out are reused.
+
+    python benchmarks/bench_precision.py --r1 --out runs/precision_r1       # plot docs/precision_r1_pretrain.png
 """
 
 from __future__ import annotations
@@ -62,6 +69,46 @@ def train(precision: str, args, out: str) -> dict:
             "tokens_per_s": sorted(r["tokens_per_s"] for r in rows)[len(rows) // 2]}
 
 
+R1_RUNS = (("float32", 0), ("bf16", 0), ("float32", 1), ("bf16", 1))
+
+
+def r1_pretrain(precision: str, seed: int, args, out: str) -> dict:
+    """The R1 pipeline's pretrain stage at this precision and training seed (resumed if already done)."""
+    from nanoseek.rl.pipeline import R1Config, R1Pipeline
+
+    folder = os.path.join(out, f"{precision}_seed{seed}")
+    cfg = R1Config(precision=precision, threads=args.threads, pretrain={**R1Config().pretrain, "seed": seed})
+    report = R1Pipeline(cfg, folder, progress=False, log=lambda *_: None).run(["pretrain"])
+    stage = report["stages"][0]
+    with open(os.path.join(folder, "pretrain", "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    tasks = stage["tasks"]
+    return {"lm_loss": [r["lm_loss"] for r in rows if "lm_loss" in r], "val_loss": stage["val_loss"],
+            "pass@1": sum(t["pass@1"] for t in tasks.values()) / len(tasks), "seconds": stage["train_seconds"],
+            "tokens_per_s": sorted(r["tokens_per_s"] for r in rows)[len(rows) // 2]}
+
+
+def main_r1(args) -> None:
+    out = args.out or tempfile.mkdtemp(prefix="bench_precision_r1_")
+    runs = {f"{p} seed {s}": r1_pretrain(p, s, args, out) for p, s in R1_RUNS}
+    tail = {k: sum(r["lm_loss"][-args.window:]) / args.window for k, r in runs.items()}
+    print(f"\nnanoseek r1's pretraining stage, {torch.get_num_threads()} threads; runs in {out}")
+    print(f"{'':16} {'loss (last ' + str(args.window) + ')':>18} {'val loss':>10} {'base pass@1':>12} {'tok/s':>8}")
+    for k, r in runs.items():
+        print(f"{k:16} {tail[k]:18.4f} {r['val_loss']:10.4f} {r['pass@1']:12.3f} {r['tokens_per_s']:8.0f}")
+    base = "float32 seed 0"
+    for k in runs:
+        if k != base:
+            print(f"{k} vs {base}: training loss {100 * (tail[k] - tail[base]) / tail[base]:+.2f}%, val loss "
+                  f"{100 * (runs[k]['val_loss'] - runs[base]['val_loss']) / runs[base]['val_loss']:+.2f}%, "
+                  f"base pass@1 {runs[k]['pass@1'] - runs[base]['pass@1']:+.3f}")
+    if args.plot:
+        pairs = [(k, base) for k in runs if k != base]
+        plot(runs, pairs, args.window, "nanoseek r1's pretraining stage (small preset, 1400 x 4 x 512 tokens)",
+             args.plot)
+        print(f"plot: {args.plot}")
+
+
 def smooth(xs: list[float], window: int) -> list[float]:
     return [sum(xs[max(0, i - window + 1):i + 1]) / len(xs[max(0, i - window + 1):i + 1]) for i in range(len(xs))]
 
@@ -72,15 +119,16 @@ def plot(runs: dict, pairs: list[tuple[str, str]], window: int, title: str, path
     import matplotlib.pyplot as plt
 
     fig, (ax, gap) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=(2, 1))
+    colors = {}
     for name, run in runs.items():
-        ax.plot(smooth(run["lm_loss"], window), label=name)
+        colors[name] = ax.plot(smooth(run["lm_loss"], window), label=name)[0].get_color()
     ax.set_ylabel(f"training loss ({window}-step mean)")
     ax.set_yscale("log")
     ax.set_title(title, fontsize=9)
     ax.legend()
     for a, b in pairs:
         ya, yb = smooth(runs[a]["lm_loss"], window), smooth(runs[b]["lm_loss"], window)
-        gap.plot([100 * (y - x) / x for x, y in zip(yb, ya)], label=f"{a} vs {b}")
+        gap.plot([100 * (y - x) / x for x, y in zip(yb, ya)], label=f"{a} vs {b}", color=colors[a])
     for bar in (0.25, -0.25):
         gap.axhline(bar, ls="--", c="gray", lw=0.8)
     gap.set_ylabel("relative gap (%)")
@@ -99,9 +147,16 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", default=None, help="run folders (default: a temporary folder)")
-    p.add_argument("--plot", default="docs/precision_loss.png", help="'' for none")
+    p.add_argument("--plot", default=None, help="'' for none (default: docs/precision_loss.png, with --r1 "
+                   "docs/precision_r1_pretrain.png)")
+    p.add_argument("--r1", action="store_true", help="nanoseek r1's pretraining stage instead (see above)")
     args = p.parse_args()
     print(machine_info())
+    if args.r1:
+        args.plot = "docs/precision_r1_pretrain.png" if args.plot is None else args.plot
+        args.window = max(args.window, 100)
+        return main_r1(args)
+    args.plot = "docs/precision_loss.png" if args.plot is None else args.plot
     out = args.out or tempfile.mkdtemp(prefix="bench_precision_")
     runs = {precision: train(precision, args, out) for precision in args.precisions.split(",")}
     tail = {k: sum(r["lm_loss"][-args.window:]) / len(r["lm_loss"][-args.window:]) for k, r in runs.items()}

@@ -13,6 +13,9 @@ Rows, per precision (fp32, and bf16 autocast over fp32 weights):
                        (batched_mm gathers a weight copy per token-expert pair, ~3 GB per MoE layer here,
                        which makes a step far slower (benchmarks/README.md), so it is not a default row;
                        add it with --hf-experts grouped_mm,eager,batched_mm.)
+  --compile adds "nanoseek compiled" and "HF <first impl> compiled": each side's forward + loss through
+                       torch.compile (what `nanoseek train --compile` does), on its own copy of the weights; the
+                       compile falls in the warm-up steps.
 All rows run in one process, alternating every step (order flipped each round), after warm-up steps.
 
 MFU = (model FLOPs/token x tokens/s) / measured matmul peak of the same dtype (bench_matmul_peak.py).
@@ -44,8 +47,9 @@ MTP_WEIGHT = 0.3
 
 
 def make_steps(pair, hf_models: dict, x: torch.Tensor, y: torch.Tensor, bf16: bool, lr: float,
-               fused: bool = False):
-    """name -> closure running one training step and returning the loss (float)."""
+               fused: bool = False, compiled=None):
+    """name -> closure running one training step and returning the loss (float). `compiled`: (HF implementation
+    name, a fresh HF model) to add the torch.compile'd rows of both sides."""
     ns = pair.ns.train()
     ns_opt = torch.optim.AdamW(ns.parameters(), lr=lr, fused=fused or None)
     ns_mtp = copy.deepcopy(ns)  # own copy + optimizer, so each row's step-0 loss starts from the same weights
@@ -80,6 +84,16 @@ def make_steps(pair, hf_models: dict, x: torch.Tensor, y: torch.Tensor, bf16: bo
         return finish(loss, mtp_opt)
 
     steps = {"nanoseek": ns_step, "nanoseek+MTP": ns_mtp_step}
+    if compiled is not None:
+        ns_c = copy.deepcopy(ns)
+        c_opt = torch.optim.AdamW(ns_c.parameters(), lr=lr, fused=fused or None)
+        ns_c_loss = torch.compile(lambda: ce(ns_c(x), y))
+
+        def ns_compiled_step():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), record_function("## forward"):
+                loss = ns_c_loss()
+            return finish(loss, c_opt)
+        steps["nanoseek compiled"] = ns_compiled_step
     for impl, hf in hf_models.items():
         hf.train()
         opt = torch.optim.AdamW(hf.parameters(), lr=lr, fused=fused or None)
@@ -89,6 +103,17 @@ def make_steps(pair, hf_models: dict, x: torch.Tensor, y: torch.Tensor, bf16: bo
                 loss = ce(hf(input_ids=x, use_cache=False).logits, y)
             return finish(loss, opt)
         steps[f"HF {impl}"] = hf_step
+    if compiled is not None:
+        impl, hf_c = compiled
+        hf_c.train()
+        hf_c_opt = torch.optim.AdamW(hf_c.parameters(), lr=lr, fused=fused or None)
+        hf_c_loss = torch.compile(lambda: ce(hf_c(input_ids=x, use_cache=False).logits, y))
+
+        def hf_compiled_step():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), record_function("## forward"):
+                loss = hf_c_loss()
+            return finish(loss, hf_c_opt)
+        steps[f"HF {impl} compiled"] = hf_compiled_step
     return steps
 
 
@@ -116,7 +141,8 @@ def run_precision(args, precision: str, peak: float) -> list[dict]:
     g = torch.Generator().manual_seed(args.seed + 1)
     seq = torch.randint(0, pair.cfg.vocab_size, (args.batch, args.seq_len + 1), generator=g)
     x, y = seq[:, :-1].contiguous(), seq[:, 1:].contiguous()
-    steps = make_steps(pair, hf_models, x, y, bf16, args.lr, args.fused_adamw)
+    compiled = (impls[0], load_hf(pair.path, impls[0])) if args.compile else None
+    steps = make_steps(pair, hf_models, x, y, bf16, args.lr, args.fused_adamw, compiled)
     if args.no_mtp_row:
         steps.pop("nanoseek+MTP")
 
@@ -142,13 +168,13 @@ def run_precision(args, precision: str, peak: float) -> list[dict]:
     print(f"\n--- {precision}{' (autocast bf16, fp32 master weights)' if bf16 else ''}: "
           f"{args.batch} x {args.seq_len} tokens/step, {args.warmup} warm-up + {args.steps} measured steps each, "
           f"matmul peak {peak:.1f} GFLOP/s ---")
-    print(f"{'row':18s} {'median s/step':>13s} {'min/max vs median':>18s} {'tokens/s':>9s} {'MFU':>6s} "
+    print(f"{'row':24s} {'median s/step':>13s} {'min/max vs median':>18s} {'tokens/s':>9s} {'MFU':>6s} "
           f"{'vs best HF':>10s} {'loss@step0':>10s}")
     for r in rows:
-        print(f"{r['name']:18s} {r['median_s']:13.3f} {r['spread']:>18s} {r['tps']:9.0f} {100 * r['mfu']:5.1f}% "
+        print(f"{r['name']:24s} {r['median_s']:13.3f} {r['spread']:>18s} {r['tps']:9.0f} {100 * r['mfu']:5.1f}% "
               f"{r['vs_best_hf']:9.2f}x {r['loss0']:10.4f}")
-    print(f"fastest HF experts implementation ({precision}): {best_hf['name'][3:]}; "
-          f"nanoseek/HF = {rows[0]['vs_best_hf']:.2f}x")
+    print(f"fastest HF row ({precision}): {best_hf['name'][3:]}; nanoseek/HF = {rows[0]['vs_best_hf']:.2f}x"
+          + "".join(f"; {r['name']}/HF = {r['vs_best_hf']:.2f}x" for r in rows if r["name"] == "nanoseek compiled"))
     if args.profile:
         profile_steps(steps["nanoseek"], f"nanoseek {precision}", args.profile_steps)
         if args.profile_hf:
@@ -168,6 +194,8 @@ def main() -> None:
     ap.add_argument("--hf-experts", default="grouped_mm,eager",
                     help=f"comma-separated HF experts implementations to run as rows ({', '.join(EXPERTS_IMPLS)})")
     ap.add_argument("--no-mtp-row", action="store_true", help="skip the nanoseek+MTP row")
+    ap.add_argument("--compile", action="store_true",
+                    help="add torch.compile'd rows for nanoseek and the first HF implementation (minutes to compile)")
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--unfused-adamw", dest="fused_adamw", action="store_false",
                     help="torch's default AdamW (the for-loop on CPU) for every row, instead of AdamW(fused=True), "
@@ -215,6 +243,7 @@ def main() -> None:
         best = max(hf.values(), key=lambda r: r["tps"])
         print(f"  {p}: nanoseek {rows['nanoseek']['tps']:.0f} (MFU {100 * rows['nanoseek']['mfu']:.1f}%), "
               + (f"nanoseek+MTP {rows['nanoseek+MTP']['tps']:.0f}, " if "nanoseek+MTP" in rows else "")
+              + (f"nanoseek compiled {rows['nanoseek compiled']['tps']:.0f}, " if "nanoseek compiled" in rows else "")
               + ", ".join(f"{n} {r['tps']:.0f}" for n, r in hf.items())
               + f"; nanoseek/{best['name']} = {rows['nanoseek']['vs_best_hf']:.2f}x")
 

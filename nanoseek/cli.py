@@ -121,7 +121,7 @@ def cmd_train(args) -> None:
                            precision=args.precision, balance=args.balance, dp_shard=args.dp_shard,
                            dp_replicate=args.dp_replicate, ep=args.ep, pp=args.pp, pp_schedule=args.pp_schedule,
                            microbatches=args.microbatches, init_from=args.init_from, dsa_stage=args.dsa_stage,
-                           defaults=COMMAND_DEFAULTS)
+                           compile=args.compile or None, defaults=COMMAND_DEFAULTS)
     trainer = Trainer(cfg, args.out, resume=args.resume, progress=not args.no_progress)
     say = print if is_main_process() else (lambda *a, **k: None)  # under torchrun: rank 0 speaks
     say(f"training {cfg.preset!r} ({trainer.model.num_parameters():,} parameters) for {cfg.max_steps} steps "
@@ -174,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "info --machine); fp8: DeepSeek-V3's FP8 recipe (docs/design/fp8.md)")
     p.add_argument("--balance", default=None, choices=["aux_free", "aux_loss", "none"],
                    help="expert balancing (default: aux_free)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the loss's forward: minutes of compiling first, faster steps after")
     p.add_argument("--init-from", default=None,
                    help="continue training this model folder (e.g. a YaRN context extension, DSA stages)")
     p.add_argument("--dsa-stage", default=None, choices=["none", "dense_warmup", "sparse"],

@@ -142,6 +142,18 @@ def test_bad_config_is_named():
         TrainConfig(seq_len=0)
 
 
+def test_compiled_loss_trains_like_eager(tmp_path):
+    cfg = {**TINY, "max_steps": 3, "save_every": 0, "log_every": 1, "model": {"num_hidden_layers": 2}}
+    Trainer(TrainConfig(**cfg), str(tmp_path / "eager"), progress=False).fit()
+    compiled = Trainer(TrainConfig(**cfg, compile=True), str(tmp_path / "compiled"), progress=False)
+    compiled.fit()
+    assert compiled._losses is not trainer_mod.language_model_losses        # the loss went through torch.compile
+    assert _losses(tmp_path / "compiled") == pytest.approx(_losses(tmp_path / "eager"), rel=1e-5)
+    for wrong in ({"pp": 2}, {"dsa_stage": "sparse"}, {"precision": "fp8"}, {"compile": "yes"}):
+        with pytest.raises(nanoseek.ConfigError, match="TrainConfig.compile"):
+            TrainConfig(**{"compile": True, **wrong})
+
+
 def test_cli_train_sigkill_leaves_loadable_checkpoint(tmp_path):
     cfg = {**TINY, "max_steps": 400, "save_every": 2, "val_every": 0}
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))

@@ -42,6 +42,10 @@ class TrainConfig:
             recipe for the projections and experts, nanoseek/fp8/convert.py, the rest in bf16 autocast).
         optimizer_moments: dtype of AdamW's two moments, "float32" or "bf16" (V3's low-precision optimizer states;
             the update is computed in fp32 either way).
+        compile: run the loss's forward (and so its backward) through torch.compile (inductor): the first steps
+            compile, about two minutes for the `small` preset on 2 CPU cores; then a bf16 step of that preset ran
+            1.32x faster, an fp32 one 1.06x, on an AMX Xeon (benchmarks/README.md, machine B). One process; not
+            with DSA training or fp8.
         mtp_lambda, mtp_lambda_late, mtp_switch_frac: MTP loss weight, first then late value, switched at
             this fraction of training (V3: 0.3 then 0.1 at 10/14.8).
         balance: "aux_free" (bias updates, V3), "aux_loss" (classic batch-wise auxiliary loss) or "none".
@@ -97,6 +101,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     precision: str = "float32"
     optimizer_moments: str = "float32"
+    compile: bool = False
     mtp_lambda: float = 0.3
     mtp_lambda_late: float = 0.1
     mtp_switch_frac: float = 10 / 14.8
@@ -155,6 +160,9 @@ class TrainConfig:
         v.one_of("pp_schedule", PP_SCHEDULES)
         v.ints("microbatches", optional=True)
         v.one_of("dsa_stage", _DSA_STAGES)
+        v.flags("compile")
+        v.require(not self.compile or (self.dsa_stage == "none" and self.pp == 1 and self.precision != "fp8"),
+                  "compile", "covers the fp32/bf16 language-model loss only: not with dsa_stage, pp or fp8")
         if self.init_from is not None:
             v.require(isinstance(self.init_from, str) and os.path.isfile(os.path.join(self.init_from, "config.json")),
                       "init_from", "must be a model folder holding a config.json")
