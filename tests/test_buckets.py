@@ -7,7 +7,7 @@ import torch
 import nanoseek
 from nanoseek.data import IGNORE_INDEX
 from nanoseek.model import moe
-from nanoseek.model.buckets import bucketed, bucketed_counts, bucketing_pays
+from nanoseek.model.buckets import bucketed, bucketed_counts, bucketing_pays, length_bucket_limit
 from nanoseek.rl.rollout import completion_logprobs, pad_batch
 from nanoseek.rl.sft_data import SFTExample, collate_examples
 
@@ -20,6 +20,7 @@ def test_buckets_bound_the_padding_and_the_number_of_sizes():
     assert len(set(buckets[256:2049])) <= 32                      # about eight sizes per doubling
     assert bucketed_counts(torch.tensor(sizes)).tolist() == buckets
     assert bucketing_pays(torch.bfloat16, "cpu") and not bucketing_pays(torch.float32, "cpu")
+    assert [length_bucket_limit(p, "cpu", 512) for p in ("float32", "bf16", "fp8")] == [0, 512, 512]
 
 
 def test_bf16_experts_run_on_bucketed_row_counts_and_match_the_unpadded_computation(monkeypatch):

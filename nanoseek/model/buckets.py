@@ -31,3 +31,9 @@ def bucketed_counts(counts: torch.Tensor) -> torch.Tensor:
     """`bucketed` of every element of an integer tensor."""
     step = torch.exp2(torch.log2(counts.clamp(min=1).double()).floor() - 3).clamp(min=16)
     return (torch.ceil(counts / step) * step).to(counts.dtype)
+
+
+def length_bucket_limit(precision: str, device: torch.device | str, limit: int) -> int:
+    """`limit` when a run in `precision` on `device` should pad its lengths to buckets (bf16 autocast, alone or
+    around FP8's GEMMs, on CPU), else 0: no bucketing. The `bucket_limit` of collate_examples and pad_batch."""
+    return limit if precision in ("bf16", "fp8") and bucketing_pays(torch.bfloat16, device) else 0

@@ -93,9 +93,9 @@ def cmd_distill(args) -> None:
     from .distill import Distiller, DistillConfig
 
     require_folder(args.out, "--out")
-    cfg = DistillConfig.load(args.config, defaults=COMMAND_DEFAULTS, **_overrides(args), teacher=args.teacher, student_init=args.student_init,
-                             student_preset=args.student_preset, kd_alpha=args.kd_alpha,
-                             kd_temperature=args.kd_temperature)
+    cfg = DistillConfig.load(args.config, defaults=COMMAND_DEFAULTS, **_overrides(args), teacher=args.teacher,
+                             student_init=args.student_init, student_preset=args.student_preset,
+                             kd_alpha=args.kd_alpha, kd_temperature=args.kd_temperature)
     trainer = Distiller(cfg, args.out, resume=args.resume, progress=not args.no_progress)
     kd = f", token-level KD alpha {cfg.kd_alpha} T {cfg.kd_temperature}" if cfg.kd_alpha > 0 else ""
     print(f"distilling into a {trainer.model.num_parameters():,}-parameter student on {len(trainer.examples):,} "

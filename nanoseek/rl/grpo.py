@@ -55,7 +55,7 @@ from ..checkpoint import from_pretrained
 from ..config import ConfigError, Validator, is_number, load_config
 from ..data.tokenizer import Tokenizer
 from ..infer import LLM, prompt_opens_think
-from ..model.buckets import bucketing_pays
+from ..model.buckets import length_bucket_limit
 from ..runtime import is_main_process
 from ..train.metrics import read_jsonl
 from ..train.run import TrainingRun
@@ -263,8 +263,7 @@ class GRPOTrainer:
                    grad_clip=cfg.grad_clip)
         self.precision = run.resolve_precision(cfg.precision)
         # bf16 on CPU: scoring batches padded to bucketed lengths (nanoseek/model/buckets.py)
-        low = self.precision == "bf16" and bucketing_pays(torch.bfloat16, run.device)
-        self.bucket_limit = model.cfg.max_position_embeddings if low else 0
+        self.bucket_limit = length_bucket_limit(self.precision, run.device, model.cfg.max_position_embeddings)
         # one engine for the whole run; it holds self.model itself, so updates are sampled from at once
         max_len = max(map(len, self.prompts)) + cfg.max_new_tokens
         self.llm = LLM(self.model, self.tokenizer, max_num_seqs=cfg.max_num_seqs or cfg.prompts_per_step * cfg.group_size,

@@ -31,7 +31,7 @@ from ..data.dataset import IGNORE_INDEX
 from ..data.tokenizer import TOKENIZER_FILE, Tokenizer
 from ..fp8.convert import convert_to_fp8
 from ..machine import PRECISIONS
-from ..model.buckets import bucketing_pays
+from ..model.buckets import length_bucket_limit
 from ..runtime import is_main_process
 from ..train.metrics import write_plots
 from ..train.run import TrainingRun
@@ -197,8 +197,7 @@ class SFTTrainer:
         if self.precision == "fp8":  # a transform of the built model, before parallelism and the optimizer
             convert_to_fp8(model)
         # micro-batches padded to bucketed lengths where GEMMs build a kernel per shape (nanoseek/model/buckets.py)
-        low = self.precision in ("bf16", "fp8")
-        self.bucket_limit = cfg.seq_len if low and bucketing_pays(torch.bfloat16, run.device) else 0
+        self.bucket_limit = length_bucket_limit(self.precision, run.device, cfg.seq_len)
         state = run.attach(model, self.tokenizer, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                            weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, moments=cfg.optimizer_moments)
         self.model = run.model
