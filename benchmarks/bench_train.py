@@ -1,9 +1,12 @@
 """Training-step throughput: nanoseek vs HF transformers' DeepseekV3ForCausalLM, same weights and config.
 
-One step = forward, cross-entropy (fp32 logits) backward, AdamW step (fused, as nanoseek's trainers and
-transformers' Trainer use it; --unfused-adamw: torch's default for-loop), zero_grad. Both models start from
-the same weights (nanoseek `save_pretrained` -> HF `from_pretrained`), train on the same fixed batch
-(B x T input tokens, targets shifted by one), with identical AdamW settings and the same loss code.
+One step = forward, cross-entropy, backward, AdamW step (fused, as nanoseek's trainers and transformers'
+Trainer use it; --unfused-adamw: torch's default for-loop), zero_grad. Both models start from the same weights
+(nanoseek `save_pretrained` -> HF `from_pretrained`), train on the same fixed batch (B x T input tokens,
+targets shifted by one), with identical AdamW settings. Each side computes the loss as its own training code
+does: nanoseek's rows call the trainer's `language_model_losses` (on CPU under bf16 a chunked cross-entropy
+that never holds fp32 logits for the whole batch: nanoseek/train/loss.py; in fp32 the plain one), HF's rows
+upcast the logits to fp32 and call `F.cross_entropy`, which is what transformers' ForCausalLMLoss does.
 
 Rows, per precision (fp32, and bf16 autocast over fp32 weights):
   nanoseek             main-head loss only: the same work as HF (the main comparison)
@@ -42,6 +45,7 @@ from torch.profiler import record_function
 from bench_matmul_peak import measure_peak
 from common import (EXPERTS_IMPLS, alternate, build_pair, fmt_int, load_hf, load_report,
                     machine_info, median, spread, train_flops_per_token)
+from nanoseek.train import language_model_losses
 
 MTP_WEIGHT = 0.3
 
@@ -56,7 +60,7 @@ def make_steps(pair, hf_models: dict, x: torch.Tensor, y: torch.Tensor, bf16: bo
     mtp_opt = torch.optim.AdamW(ns_mtp.parameters(), lr=lr, fused=fused or None)
     V = pair.cfg.vocab_size
 
-    def ce(logits, target):
+    def ce(logits, target):   # transformers' ForCausalLMLoss on pre-shifted targets
         return F.cross_entropy(logits.reshape(-1, V).float(), target.reshape(-1))
 
     def finish(loss, opt):
@@ -69,17 +73,13 @@ def make_steps(pair, hf_models: dict, x: torch.Tensor, y: torch.Tensor, bf16: bo
 
     def ns_step():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), record_function("## forward"):
-            loss = ce(ns(x), y)
+            loss = language_model_losses(ns, x, y, mtp=False)[0]
         return finish(loss, ns_opt)
 
     def ns_mtp_step():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), record_function("## forward"):
-            h = ns_mtp.hidden_states(x)
-            loss = ce(ns_mtp.lm_head(h), y)
-            mtp = ns_mtp.mtp_hidden_states(h, x)
-            if mtp:
-                # depth k (1-based) at position i predicts input token i+k+1 = y[:, i+k]
-                extra = [ce(ns_mtp.lm_head(h_k), y[:, k:]) for k, h_k in enumerate(mtp, start=1)]
+            loss, extra = language_model_losses(ns_mtp, x, y)   # depth k at position i predicts y[:, i+k]
+            if extra:
                 loss = loss + MTP_WEIGHT * sum(extra) / len(extra)
         return finish(loss, mtp_opt)
 
@@ -87,7 +87,7 @@ def make_steps(pair, hf_models: dict, x: torch.Tensor, y: torch.Tensor, bf16: bo
     if compiled is not None:
         ns_c = copy.deepcopy(ns)
         c_opt = torch.optim.AdamW(ns_c.parameters(), lr=lr, fused=fused or None)
-        ns_c_loss = torch.compile(lambda: ce(ns_c(x), y))
+        ns_c_loss = torch.compile(lambda: language_model_losses(ns_c, x, y, mtp=False)[0])
 
         def ns_compiled_step():
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), record_function("## forward"):

@@ -22,7 +22,7 @@ import torch
 from .checkpoint import CheckpointError, from_pretrained, save_pretrained
 from .config import ConfigError, ModelConfig, PRESETS
 from .dist.mesh import PP_SCHEDULES
-from .machine import COMMAND_DEFAULTS, PRECISIONS, machine_profile
+from .machine import COMMAND_DEFAULTS, PRECISIONS, decode_profile, machine_profile
 from .runtime import is_main_process
 from .model import build_model
 
@@ -50,9 +50,11 @@ def _load(args) -> tuple[ModelConfig, torch.nn.Module | None]:
 
 
 def cmd_info(args) -> None:
-    """Print a config's shape, parameter counts and KV-cache bytes per token (or, --machine, the precision probe)."""
+    """Print a config's shape, parameter counts and KV-cache bytes per token (or, --machine, the probes)."""
     if args.machine:
         print(machine_profile(remeasure=args.remeasure).describe())
+        if args.decode:
+            print(decode_profile(remeasure=args.remeasure).describe())
         return
     cfg, model = _load(args)
     if model is None:
@@ -208,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="load weights holding NaN/Inf (default: refuse them, naming the tensor)")
     p.add_argument("--machine", action="store_true",
                    help="instead: this machine's fp32/bf16 GEMM rates and what --precision auto picks")
+    p.add_argument("--decode", action="store_true",
+                   help="with --machine: also eager vs compiled decode steps, what --compile auto of grpo/r1 uses "
+                        "(measured once, about a minute)")
     p.add_argument("--remeasure", action="store_true", help="with --machine: measure again, not from the cache")
     p.set_defaults(func=cmd_info)
 

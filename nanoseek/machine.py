@@ -10,6 +10,12 @@ BF16_MARGIN faster in bf16 (the experts follow the autocast dtype); on CUDA bf16
 a second; its result is cached per machine (CPU model, threads, torch version, probe version) in
 `$XDG_CACHE_HOME/nanoseek/machine.json` (default ~/.cache), so every run on one machine makes the same choice.
 `nanoseek info --machine` prints it; `--remeasure` measures again.
+
+Compiled rollouts (`--compile auto` of `nanoseek grpo` and `r1`) are decided the same way: a second probe,
+`decode_profile`, times decode steps of the `small` preset eager and through torch.compile, and how long the
+compile takes. Compiling made GRPO's rollouts 20-25% faster on one CPU and no faster on another (after an 83 s
+compile; benchmarks/README.md), so only a measurement can tell. It takes about a minute (mostly compiling), is
+cached like the first, and is only taken for a run long enough that compiling could pay (MIN_DECODE_STEPS).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import dataclasses
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 import warnings
@@ -33,9 +40,17 @@ BF16_MARGIN = 1.2        # bf16 must be this much faster: a near tie is not wort
 EXPERT_SHARE = 0.25
 PRECISIONS = ("auto", "float32", "bf16", "fp8")
 PROBE_VERSION = 2        # part of the cache key: a changed probe measures again
+COMPILE_MARGIN = 1.2     # compiled decode steps must be this much faster for compiled rollouts
+# fewer decode steps than this cannot pay for a compile: at a 2x speedup of a 20 ms step they save 20 s, less than
+# every compile measured at decode batches of 16-32 rows (42-90 s; benchmarks/README.md), so no probe for them
+MIN_DECODE_STEPS = 2000
+DECODE_ROWS, DECODE_CONTEXT, DECODE_STEPS = 32, 96, 16   # the decode probe: rows, prompt tokens, timed steps
 # the training commands' default (a --config file or --precision overrides it); the config classes keep float32,
 # so that the API gives the same numbers on every machine
 COMMAND_DEFAULTS = {"precision": "auto"}
+# and the default of the commands that sample rollouts (`nanoseek grpo`, `r1`); GRPOConfig keeps False
+ROLLOUT_DEFAULTS = {"compile_rollouts": "auto"}
+COMPILE_CHOICES = {"on": True, "off": False, "auto": "auto"}   # the --compile flag of grpo and r1
 
 
 @dataclass(frozen=True)
@@ -81,6 +96,48 @@ class MachineProfile:
                 f"a training step's matmuls: bf16 {self.bf16_speedup:.2f}x as fast ({EXPERT_SHARE:.0%} of their "
                 f"FLOPs in the experts)\n"
                 f"--precision auto: {self.precision} (bf16 when that is >= {BF16_MARGIN}x)")
+
+
+@dataclass(frozen=True)
+class DecodeProfile:
+    """Decode steps of the `small` preset in fp32 through the engine's ModelRunner: DECODE_ROWS rows, one token
+    each, over a latent cache holding a DECODE_CONTEXT-token prompt.
+
+    Attributes:
+        cpu, threads, torch: as MachineProfile.
+        eager_ms, compiled_ms: median time of a step, eager and with `compile=True`.
+        compile_s: the compiled runner's first calls, at two row counts (the rollouts' batch shrinks as sequences
+            finish; that compiles a second graph).
+    """
+
+    cpu: str
+    threads: int
+    torch: str
+    eager_ms: float
+    compiled_ms: float
+    compile_s: float
+
+    @property
+    def speedup(self) -> float:
+        return self.eager_ms / self.compiled_ms
+
+    def compile_pays(self, decode_steps: int) -> bool:
+        """Whether compiling pays over a run of `decode_steps` decode steps: compiled steps COMPILE_MARGIN faster,
+        and the time they save at the probe's step times more than the compile costs."""
+        saved_s = decode_steps * (self.eager_ms - self.compiled_ms) / 1e3
+        return self.speedup >= COMPILE_MARGIN and saved_s > self.compile_s
+
+    def describe(self) -> str:
+        return (f"decode step ({DECODE_ROWS} rows, small preset, fp32): eager {self.eager_ms:.1f} ms, compiled "
+                f"{self.compiled_ms:.1f} ms ({self.speedup:.2f}x) after a {self.compile_s:.0f} s compile\n"
+                f"--compile auto: compiled rollouts when they are >= {COMPILE_MARGIN}x as fast and the run's decode "
+                f"steps save more than the compile (here: from "
+                f"{self._break_even()} decode steps on)")
+
+    def _break_even(self) -> str:
+        if self.speedup < COMPILE_MARGIN:
+            return "never"
+        return f"{int(self.compile_s * 1e3 / (self.eager_ms - self.compiled_ms)) + 1:,}"
 
 
 def cpu_model() -> str:
@@ -149,32 +206,27 @@ def cache_key(cpu: str, threads: int, torch_version: str) -> str:
     return f"{cpu} | {threads} threads | torch {torch_version} | probe {PROBE_VERSION}"
 
 
-def machine_profile(remeasure: bool = False) -> MachineProfile:
-    """This machine's profile: from the cache when it holds one for this CPU, thread count and torch, else
-    measured and cached. A probe taken while other processes kept the cores busy (load average above the core
-    count) is used once but not cached: other jobs can swing one dtype's rate several-fold between calls. An
-    unwritable cache only costs the next run another probe."""
-    key = cache_key(cpu_model(), torch.get_num_threads(), torch.__version__)
-    path = _cache_file()
+def _read_cache() -> dict:
     try:
-        with open(path) as f:
+        with open(_cache_file()) as f:
             cache = json.load(f)
-        if not isinstance(cache, dict):
-            cache = {}
+        return cache if isinstance(cache, dict) else {}
     except (OSError, ValueError):
-        cache = {}
-    if not remeasure and isinstance(cache.get(key), dict):
-        try:
-            return MachineProfile(**cache[key])
-        except TypeError:   # written by another version: measure again
-            pass
-    profile = probe()
+        return {}
+
+
+def _store(key: str, profile, what: str, flags: str = "") -> None:
+    """Cache `profile` under `key`, unless other processes kept the cores busy (load average above the core
+    count): other jobs can swing one side's rate several-fold between calls. An unwritable cache only costs the
+    next run another probe."""
     load, cores = os.getloadavg()[0], os.cpu_count() or 1
     if load > cores:
-        warnings.warn(f"precision probe taken on a busy machine (load average {load:.1f} on {cores} cores): not "
-                      "cached; `nanoseek info --machine --remeasure` on an idle machine stores one", stacklevel=2)
-        return profile
+        warnings.warn(f"{what} taken on a busy machine (load average {load:.1f} on {cores} cores): not cached; "
+                      f"`nanoseek info --machine {flags}--remeasure` on an idle machine stores one", stacklevel=3)
+        return
+    cache = _read_cache()
     cache[key] = dataclasses.asdict(profile)
+    path = _cache_file()
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
@@ -183,7 +235,83 @@ def machine_profile(remeasure: bool = False) -> MachineProfile:
         os.replace(tmp, path)
     except OSError:
         pass
+
+
+def _cached(key: str, cls):
+    entry = _read_cache().get(key)
+    if isinstance(entry, dict):
+        try:
+            return cls(**entry)
+        except TypeError:   # written by another version: measure again
+            pass
+    return None
+
+
+def machine_profile(remeasure: bool = False) -> MachineProfile:
+    """This machine's profile: from the cache when it holds one for this CPU, thread count and torch, else
+    measured and cached (not when the machine is busy: then it is used once)."""
+    key = cache_key(cpu_model(), torch.get_num_threads(), torch.__version__)
+    profile = None if remeasure else _cached(key, MachineProfile)
+    if profile is None:
+        profile = probe()
+        _store(key, profile, "precision probe")
     return profile
+
+
+def decode_probe() -> DecodeProfile:
+    """Time DECODE_STEPS decode steps eager and compiled, alternating, and the compiled runner's first calls."""
+    from .config import ModelConfig
+    from .infer.model_runner import ModelRunner
+    from .model import build_model
+
+    model = build_model(ModelConfig.preset("small"), seed=0)
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(3, model.cfg.vocab_size, (DECODE_ROWS, DECODE_CONTEXT), generator=g).tolist()
+    slots = list(range(DECODE_ROWS))
+    runners = {c: ModelRunner(model, DECODE_ROWS, DECODE_CONTEXT + DECODE_STEPS + 2, compile=c) for c in (False, True)}
+    few = slots[:DECODE_ROWS // 4]
+
+    def step(compiled: bool, i: int, rows: list[int]) -> float:
+        t0 = time.perf_counter()
+        runners[compiled].logits(runners[compiled].forward([[5 + i]] * len(rows), [DECODE_CONTEXT + i] * len(rows),
+                                                             rows))
+        return time.perf_counter() - t0
+
+    for runner in runners.values():
+        runner.prefill(prompts, slots)
+    compile_s = step(True, 0, slots) + step(True, 0, few)
+    step(False, 0, slots)
+    times = {False: [], True: []}
+    for i in range(1, DECODE_STEPS + 1):
+        for compiled in ((False, True) if i % 2 else (True, False)):
+            times[compiled].append(step(compiled, i, slots))
+    eager, compiled = (sorted(times[c])[len(times[c]) // 2] * 1e3 for c in (False, True))
+    return DecodeProfile(cpu=cpu_model(), threads=torch.get_num_threads(), torch=torch.__version__,
+                         eager_ms=eager, compiled_ms=compiled, compile_s=max(0.0, compile_s - 2 * compiled / 1e3))
+
+
+def decode_profile(remeasure: bool = False) -> DecodeProfile:
+    """This machine's decode profile: cached like `machine_profile`, measured (about a minute) when missing."""
+    key = cache_key(cpu_model(), torch.get_num_threads(), torch.__version__) + " | decode"
+    profile = None if remeasure else _cached(key, DecodeProfile)
+    if profile is None:
+        # a minute without output would look like a hang; library code prints nothing else
+        print(f"nanoseek: measuring once whether compiled rollouts pay on this machine (about a minute; cached in "
+              f"{_cache_file()})", file=sys.stderr, flush=True)
+        profile = decode_probe()
+        _store(key, profile, "decode probe", "--decode ")
+    return profile
+
+
+def resolve_compile_rollouts(compile_rollouts: bool | str, device: torch.device | str, decode_steps: int) -> bool:
+    """`compile_rollouts` with "auto" replaced by this machine's choice for a run of about `decode_steps` decode
+    steps: on CPU the decode probe's (`DecodeProfile.compile_pays`; no probe below MIN_DECODE_STEPS), elsewhere
+    False (not measured there)."""
+    if compile_rollouts != "auto":
+        return bool(compile_rollouts)
+    if torch.device(device).type != "cpu" or decode_steps < MIN_DECODE_STEPS:
+        return False
+    return decode_profile().compile_pays(decode_steps)
 
 
 def resolve_precision(precision: str, device: torch.device | str) -> str:

@@ -145,3 +145,60 @@ def test_every_training_command_passes_the_auto_default(command, monkeypatch, tm
     with pytest.raises(Built):
         cli_main(argv)
     assert [cfg.precision for cfg in built] == ["auto"]
+
+
+# ---- compiled rollouts: --compile auto ----------------------------------------------------------------------
+
+def decode(eager_ms=20.0, compiled_ms=10.0, compile_s=60.0) -> machine.DecodeProfile:
+    return machine.DecodeProfile(cpu=machine.cpu_model(), threads=torch.get_num_threads(), torch=torch.__version__,
+                                 eager_ms=eager_ms, compiled_ms=compiled_ms, compile_s=compile_s)
+
+
+def test_compiling_pays_only_when_faster_and_the_run_recoups_the_compile():
+    fast = decode(20.0, 10.0, 60.0)                 # saves 10 ms per step: breaks even at 6,000 steps
+    assert not fast.compile_pays(5_000) and fast.compile_pays(7_000)
+    assert not decode(20.0, 18.0, 1.0).compile_pays(10**9)   # 1.11x: below COMPILE_MARGIN however long the run
+    assert "6,001 decode steps" in fast.describe() and "never" in decode(20.0, 19.0).describe()
+
+
+def test_auto_probes_only_for_long_cpu_runs_and_explicit_choices_win(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    probes = []
+    monkeypatch.setattr(machine, "decode_probe", lambda: probes.append(1) or decode(20.0, 10.0, 60.0))
+    resolve = machine.resolve_compile_rollouts
+    assert resolve(True, "cpu", 10) is True and resolve(False, "cpu", 10**6) is False
+    assert resolve("auto", "cpu", machine.MIN_DECODE_STEPS - 1) is False and not probes   # too short: no probe
+    assert resolve("auto", "cuda", 10**6) is False and not probes                       # not measured there
+    assert resolve("auto", "cpu", 5_000) is False and resolve("auto", "cpu", 7_000) is True
+    assert probes == [1]                                    # measured once, then read from the cache
+    key = machine.cache_key(machine.cpu_model(), torch.get_num_threads(), torch.__version__) + " | decode"
+    assert json.loads((tmp_path / "nanoseek" / "machine.json").read_text())[key]["compile_s"] == 60.0
+
+
+@pytest.mark.parametrize("flag,expected", [([], "auto"), (["--compile"], True), (["--compile", "off"], False)])
+@pytest.mark.parametrize("command", ["grpo", "r1"])
+def test_rollout_commands_default_to_compile_auto(command, flag, expected, monkeypatch, tmp_path):
+    from nanoseek.rl.grpo import GRPOConfig
+    from nanoseek.rl.pipeline import R1Config
+    built = []
+
+    class Built(Exception):
+        pass
+
+    for cls in (GRPOConfig, R1Config):
+        def spy(*args, load=cls.load, **kwargs):
+            built.append(load(*args, **kwargs))
+            raise Built
+        monkeypatch.setattr(cls, "load", spy)
+    out = str(tmp_path / "out")
+    with pytest.raises(Built):
+        cli_main({"grpo": ["grpo", "--init", out, "--out", out], "r1": ["r1", "--out", out]}[command] + flag)
+    assert built[0].compile_rollouts == expected
+    with pytest.raises(nanoseek.ConfigError, match="compile_rollouts"):
+        (GRPOConfig if command == "grpo" else R1Config)(compile_rollouts="maybe")
+
+
+@pytest.mark.slow
+def test_decode_probe_times_both_paths():
+    p = machine.decode_probe()
+    assert p.eager_ms > 0 and p.compiled_ms > 0 and p.compile_s > 0

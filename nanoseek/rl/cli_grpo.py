@@ -6,7 +6,7 @@ in any of them are one-line ConfigError/ValueError messages that `nanoseek.cli.m
 
 from __future__ import annotations
 
-from ..machine import COMMAND_DEFAULTS
+from ..machine import COMMAND_DEFAULTS, COMPILE_CHOICES, ROLLOUT_DEFAULTS
 
 
 def add_parsers(sub) -> None:
@@ -35,8 +35,10 @@ def add_parsers(sub) -> None:
     p.add_argument("--precision", choices=["auto", "float32", "bf16"], default=None,
                    help="the update's forward/backward (default: auto, bf16 where this machine's bf16 GEMMs are "
                         "faster, else float32; nanoseek info --machine); rollouts decode in fp32")
-    p.add_argument("--compile", action="store_true", default=None,
-                   help="decode rollouts through torch.compile (compiles in the first step; for long runs)")
+    p.add_argument("--compile", nargs="?", const="on", choices=sorted(COMPILE_CHOICES), default=None,
+                   help="decode rollouts through torch.compile: on (the flag alone), off, or auto (the default: "
+                        "where a one-off probe finds that it pays for a run this long; nanoseek info --machine "
+                        "--decode)")
     p.add_argument("--seed", type=int, default=None, help="problem order and sampling seed (default: 0)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
@@ -55,8 +57,8 @@ def cmd_grpo(args) -> None:
                           max_new_tokens=args.max_new_tokens, beta=args.beta, loss_type=args.loss_type, lr=args.lr,
                           mu=args.mu, equation_credit=args.equation_credit,
                           dynamic_sampling=args.dynamic_sampling, positive_only=args.positive_only,
-                          precision=args.precision, compile_rollouts=args.compile, seed=args.seed,
-                          threads=args.threads, defaults=COMMAND_DEFAULTS)
+                          precision=args.precision, compile_rollouts=COMPILE_CHOICES.get(args.compile),
+                          seed=args.seed, threads=args.threads, defaults={**COMMAND_DEFAULTS, **ROLLOUT_DEFAULTS})
     trainer = GRPOTrainer(cfg, args.init, args.out, resume=args.resume, progress=not args.no_progress)
     last = trainer.fit()
     if last:

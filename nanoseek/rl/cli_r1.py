@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 
-from ..machine import COMMAND_DEFAULTS, PRECISIONS
+from ..machine import COMMAND_DEFAULTS, COMPILE_CHOICES, PRECISIONS, ROLLOUT_DEFAULTS
 
 
 def add_parsers(sub) -> None:
@@ -43,12 +43,15 @@ def add_parsers(sub) -> None:
     p.add_argument("--config", default=None, help="JSON/TOML file of R1Config fields (stage dicts merge into defaults)")
     p.add_argument("--stages", nargs="+", default=None, help="run only these stages (default: all, in order)")
     p.add_argument("--scale", type=float, default=None,
-                   help="multiply steps, data and eval sizes (default 1: ~25 min on 2 CPU cores; GPUs: e.g. 10)")
+                   help="multiply steps, data and eval sizes (default 1: 25-51 min on 2 CPU cores; GPUs: e.g. 10)")
     p.add_argument("--preset", default=None, help="teacher model preset (default: small)")
     p.add_argument("--seed", type=int, default=None, help="seed of every stage (default: 0)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--precision", default=None, choices=PRECISIONS,
                    help="training precision of every stage (default: auto, bf16 where faster here, else float32)")
+    p.add_argument("--compile", nargs="?", const="on", choices=sorted(COMPILE_CHOICES), default=None,
+                   help="the RL stages' rollouts through torch.compile: on (the flag alone), off, or auto (the "
+                        "default: where a one-off probe finds that it pays; nanoseek info --machine --decode)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
     p.set_defaults(func=cmd_r1)
 
@@ -129,6 +132,7 @@ def cmd_r1(args) -> None:
     from .pipeline import R1Config, R1Pipeline
 
     cfg = R1Config.load(args.config, scale=args.scale, preset=args.preset, seed=args.seed, threads=args.threads,
-                        precision=args.precision, defaults=COMMAND_DEFAULTS)
+                        precision=args.precision, compile_rollouts=COMPILE_CHOICES.get(args.compile),
+                        defaults={**COMMAND_DEFAULTS, **ROLLOUT_DEFAULTS})
     report = R1Pipeline(cfg, args.out, progress=not args.no_progress).run(args.stages)
     print(f"done in {report['total_seconds'] / 60:.1f} min: {args.out}/report.md and report.json")

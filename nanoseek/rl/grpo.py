@@ -55,6 +55,7 @@ from ..checkpoint import from_pretrained
 from ..config import ConfigError, Validator, is_number, load_config
 from ..data.tokenizer import Tokenizer
 from ..infer import LLM, prompt_opens_think
+from ..machine import resolve_compile_rollouts
 from ..model.buckets import length_bucket_limit
 from ..runtime import is_main_process
 from ..train.metrics import read_jsonl
@@ -123,9 +124,11 @@ class GRPOConfig:
             where this machine's bf16 GEMMs are faster; nanoseek/machine.py). The rollouts decode in the weights'
             fp32 either way, and with mu > 1 the old log-probs come from the update's precision, so the first
             pass's ratio stays exactly 1.
-        compile_rollouts: decode the rollouts through torch.compile (`LLM(compile=True)`). The first step
-            compiles (about a minute on 2 CPU cores); later decode steps run fused kernels (see
-            benchmarks/README.md, GRPO step vs TRL). Worth it for long runs, not for a few dozen steps.
+        compile_rollouts: decode the rollouts through torch.compile (`LLM(compile=True)`): True, False or "auto"
+            (the `nanoseek grpo` default: a probe measures once per machine whether compiled decode steps are
+            faster here and whether this run has enough of them to recoup the compile; nanoseek/machine.py). The
+            first step compiles (about a minute on 2 CPU cores); later decode steps run fused kernels, which made
+            rollouts 20-25% faster on one CPU and no faster on another (benchmarks/README.md).
         save_every: steps between checkpoints (0: only at the end); keep_checkpoints: how many to keep.
         seed: problem order, sampling seeds.
         threads: torch CPU threads (0: torch's default).
@@ -166,7 +169,7 @@ class GRPOConfig:
     positive_only: bool = False
     max_num_seqs: int = 0
     precision: str = "float32"
-    compile_rollouts: bool = False
+    compile_rollouts: bool | str = False
     save_every: int = 50
     keep_checkpoints: int = 2
     seed: int = 0
@@ -210,7 +213,8 @@ class GRPOConfig:
         v.one_of("loss_type", LOSS_TYPES)
         v.one_of("precision", GRPO_PRECISIONS)
         v.one_of("scale_rewards", SCALE_REWARDS)
-        v.flags("filter_zero_variance", "mask_truncated", "positive_only", "compile_rollouts", "tensorboard")
+        v.flags("filter_zero_variance", "mask_truncated", "positive_only", "tensorboard")
+        v.one_of("compile_rollouts", (True, False, "auto"))
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, defaults: dict | None = None, **overrides) -> "GRPOConfig":
@@ -266,8 +270,11 @@ class GRPOTrainer:
         self.bucket_limit = length_bucket_limit(self.precision, run.device, model.cfg.max_position_embeddings)
         # one engine for the whole run; it holds self.model itself, so updates are sampled from at once
         max_len = max(map(len, self.prompts)) + cfg.max_new_tokens
+        # "auto": decode steps of the run at most steps x max_new_tokens (per refill round too)
+        self.compile_rollouts = resolve_compile_rollouts(cfg.compile_rollouts, run.device,
+                                                         cfg.steps * (1 + cfg.dynamic_sampling) * cfg.max_new_tokens)
         self.llm = LLM(self.model, self.tokenizer, max_num_seqs=cfg.max_num_seqs or cfg.prompts_per_step * cfg.group_size,
-                       max_model_len=max_len, seed=cfg.seed, compile=cfg.compile_rollouts)
+                       max_model_len=max_len, seed=cfg.seed, compile=self.compile_rollouts)
 
     # ---- setup ----------------------------------------------------------------------------------
     def _build_rewards(self, extra: Mapping[str, RewardFunction]):

@@ -58,7 +58,8 @@ class R1Config:
             linear and 2,400 countdown training problems, so a large `scale` needs None.
         seed: seeds every stage.
         scale: multiplies every stage's steps, data sizes and evaluation size (1 = the CPU default run,
-            about 25 minutes on 2 cores, 7 on one H100; GPUs: e.g. --scale 10 with a bigger --preset).
+            25-51 minutes on 2 cores depending on the CPU, 7 on one H100; GPUs: e.g. --scale 10 with a bigger
+            --preset).
         preset: model preset of the teacher (the student takes it with STUDENT_MODEL overrides).
         pretrain_docs: task documents per task in the pretraining corpus.
         pretrain_drills: drill sheets in the pretraining corpus, each 40 single operations taken from the
@@ -78,6 +79,8 @@ class R1Config:
             bf16 where this machine's bf16 GEMMs are faster; nanoseek/machine.py); a stage's own `precision` wins.
             The RL stages' updates take it too (bf16 for "fp8": they have no FP8 path); their rollouts decode in
             fp32.
+        compile_rollouts: the RL stages' rollouts through torch.compile: True, False or "auto" (the CLI's
+            default: where a probe finds that it pays, per stage; GRPOConfig.compile_rollouts); a stage's own wins.
     """
 
     tasks: list[str] = field(default_factory=lambda: ["arithmetic", "countdown", "linear"])
@@ -118,10 +121,14 @@ class R1Config:
     eval: dict = field(default_factory=lambda: {"k": 4, "max_new_tokens": 256})
     threads: int = 0
     precision: str = "float32"
+    compile_rollouts: bool | str = False
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
             raise ConfigError(f"R1Config.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.compile_rollouts not in (True, False, "auto"):
+            raise ConfigError(f"R1Config.compile_rollouts must be true, false or \"auto\", "
+                              f"got {self.compile_rollouts!r}")
         if not self.tasks:
             raise ConfigError("R1Config.tasks must name at least one task")
         if not self.scale > 0:
@@ -292,7 +299,8 @@ class R1Pipeline:
         from .grpo import GRPOConfig, GRPOTrainer
 
         values = {"tasks": self.cfg.tasks, "difficulty": self.cfg.difficulty, "seed": self.cfg.seed,
-                  "precision": {"fp8": "bf16"}.get(self.cfg.precision, self.cfg.precision), **overrides}
+                  "precision": {"fp8": "bf16"}.get(self.cfg.precision, self.cfg.precision),
+                  "compile_rollouts": self.cfg.compile_rollouts, **overrides}
         values["steps"] = self.cfg.n(values.get("steps", 40))
         cfg = GRPOConfig(**values)
         trainer = GRPOTrainer(cfg, init, self._dir(stage), resume=self._started(stage), progress=self.progress)

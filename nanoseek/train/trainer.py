@@ -14,7 +14,6 @@ import json
 import time
 
 import torch
-import torch.nn.functional as F
 
 from ..checkpoint import from_pretrained
 from ..config import ConfigError, ModelConfig
@@ -26,6 +25,7 @@ from .balance import RoutingRecorder, batch_aux_loss, sequence_balance_loss
 from .config import TrainConfig
 from .data import TrainData, prepare_data
 from .dsa import indexer_kl_loss, prepare_step
+from .loss import linear_cross_entropy
 from .metrics import write_plots
 from .pipelined import PipelinedPretraining
 from .run import TrainingAborted, TrainingRun
@@ -41,12 +41,11 @@ def language_model_losses(model: Transformer, input_ids: torch.Tensor, labels: t
     IGNORE_INDEX targets are skipped). Depth k at position i sees tokens up to i+k and predicts token
     i+k+1, i.e. labels[:, i+k] (V3 report eqs. 21-24). `recorder`: collects the DSA indexers' KL terms."""
     h = model.hidden_states(input_ids, recorder=recorder)
-    lm = F.cross_entropy(model.lm_head(h).flatten(0, 1).float(), labels.flatten())
+    lm = linear_cross_entropy(h.flatten(0, 1), model.lm_head, labels.flatten())
     mtp_losses = []
     if mtp and len(model.mtp):
         for k, h_k in enumerate(model.mtp_hidden_states(h, input_ids, recorder), start=1):
-            logits = model.lm_head(h_k).flatten(0, 1).float()
-            mtp_losses.append(F.cross_entropy(logits, labels[:, k:].flatten()))
+            mtp_losses.append(linear_cross_entropy(h_k.flatten(0, 1), model.lm_head, labels[:, k:].flatten()))
     return lm, mtp_losses
 
 
