@@ -193,12 +193,17 @@ def probe(seconds: float = 1.0) -> MachineProfile:
         flops[f"grouped_{name}"] = 3 * 2 * tokens * 3 * dim * moe_inter   # forward + backward of three projections
     best = _best_seconds(fns, seconds)
     rates = {name: flops[name] / best[name] / 1e9 for name in fns}
-    return MachineProfile(cpu=cpu_model(), threads=torch.get_num_threads(), torch=torch.__version__, **rates)
+    return MachineProfile(**_this_machine(), **rates)
 
 
 def _cache_file() -> str:
     root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(root, "nanoseek", "machine.json")
+
+
+def _this_machine() -> dict:
+    """The fields that identify a measurement's machine (the profiles' first three)."""
+    return {"cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
 def cache_key(cpu: str, threads: int, torch_version: str) -> str:
@@ -250,7 +255,7 @@ def _cached(key: str, cls):
 def machine_profile(remeasure: bool = False) -> MachineProfile:
     """This machine's profile: from the cache when it holds one for this CPU, thread count and torch, else
     measured and cached (not when the machine is busy: then it is used once)."""
-    key = cache_key(cpu_model(), torch.get_num_threads(), torch.__version__)
+    key = cache_key(*_this_machine().values())
     profile = None if remeasure else _cached(key, MachineProfile)
     if profile is None:
         profile = probe()
@@ -286,13 +291,13 @@ def decode_probe() -> DecodeProfile:
         for compiled in ((False, True) if i % 2 else (True, False)):
             times[compiled].append(step(compiled, i, slots))
     eager, compiled = (sorted(times[c])[len(times[c]) // 2] * 1e3 for c in (False, True))
-    return DecodeProfile(cpu=cpu_model(), threads=torch.get_num_threads(), torch=torch.__version__,
-                         eager_ms=eager, compiled_ms=compiled, compile_s=max(0.0, compile_s - 2 * compiled / 1e3))
+    return DecodeProfile(**_this_machine(), eager_ms=eager, compiled_ms=compiled,
+                         compile_s=max(0.0, compile_s - 2 * compiled / 1e3))
 
 
 def decode_profile(remeasure: bool = False) -> DecodeProfile:
     """This machine's decode profile: cached like `machine_profile`, measured (about a minute) when missing."""
-    key = cache_key(cpu_model(), torch.get_num_threads(), torch.__version__) + " | decode"
+    key = cache_key(*_this_machine().values()) + " | decode"
     profile = None if remeasure else _cached(key, DecodeProfile)
     if profile is None:
         # a minute without output would look like a hang; library code prints nothing else

@@ -37,7 +37,7 @@ from ..config import ConfigError, read_config_file
 from ..data.corpus import drill_documents
 from ..data.r1_format import r1_document
 from ..data.tokenizer import Tokenizer
-from ..machine import PRECISIONS
+from ..machine import COMPILE_CHOICES, PRECISIONS
 from .data import cold_start_rows, read_rows, task_examples, write_rows
 from .evaluate import EvalConfig, evaluate
 from .report import write_json, write_report
@@ -126,7 +126,7 @@ class R1Config:
     def __post_init__(self):
         if self.precision not in PRECISIONS:
             raise ConfigError(f"R1Config.precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.compile_rollouts not in (True, False, "auto"):
+        if self.compile_rollouts not in COMPILE_CHOICES.values():
             raise ConfigError(f"R1Config.compile_rollouts must be true, false or \"auto\", "
                               f"got {self.compile_rollouts!r}")
         if not self.tasks:
