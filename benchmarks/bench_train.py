@@ -5,8 +5,10 @@ Trainer use it; --unfused-adamw: torch's default for-loop), zero_grad. Both mode
 (nanoseek `save_pretrained` -> HF `from_pretrained`), train on the same fixed batch (B x T input tokens,
 targets shifted by one), with identical AdamW settings. Each side computes the loss as its own training code
 does: nanoseek's rows call the trainer's `language_model_losses` (on CPU under bf16 a chunked cross-entropy
-that never holds fp32 logits for the whole batch: nanoseek/train/loss.py; in fp32 the plain one), HF's rows
-upcast the logits to fp32 and call `F.cross_entropy`, which is what transformers' ForCausalLMLoss does.
+that never holds fp32 logits for the whole batch: nanoseek/train/loss.py; in fp32 the plain one) and, under
+bf16, run the attention core in fp32 where the machine probe found that faster, as the trainers do
+(nanoseek/machine.py); HF's rows upcast the logits to fp32 and call `F.cross_entropy`, which is what
+transformers' ForCausalLMLoss does.
 
 Rows, per precision (fp32, and bf16 autocast over fp32 weights):
   nanoseek             main-head loss only: the same work as HF (the main comparison)
@@ -45,6 +47,8 @@ from torch.profiler import record_function
 from bench_matmul_peak import measure_peak
 from common import (EXPERTS_IMPLS, alternate, build_pair, fmt_int, load_hf, load_report,
                     machine_info, median, spread, train_flops_per_token)
+from nanoseek.machine import attention_core_dtype
+from nanoseek.model.mla import set_core_dtype
 from nanoseek.train import language_model_losses
 
 MTP_WEIGHT = 0.3
@@ -55,6 +59,8 @@ def make_steps(pair, hf_models: dict, x: torch.Tensor, y: torch.Tensor, bf16: bo
     """name -> closure running one training step and returning the loss (float). `compiled`: (HF implementation
     name, a fresh HF model) to add the torch.compile'd rows of both sides."""
     ns = pair.ns.train()
+    # nanoseek's trainers run the attention core in fp32 under bf16 where this CPU's probe found it faster
+    set_core_dtype(ns, attention_core_dtype("bf16" if bf16 else "float32", "cpu"))
     ns_opt = torch.optim.AdamW(ns.parameters(), lr=lr, fused=fused or None)
     ns_mtp = copy.deepcopy(ns)  # own copy + optimizer, so each row's step-0 loss starts from the same weights
     mtp_opt = torch.optim.AdamW(ns_mtp.parameters(), lr=lr, fused=fused or None)

@@ -39,7 +39,12 @@ BF16_MARGIN = 1.2        # bf16 must be this much faster: a near tie is not wort
 # parameters; benchmarks/README.md, "MFU"); the dense GEMMs do the rest
 EXPERT_SHARE = 0.25
 PRECISIONS = ("auto", "float32", "bf16", "fp8")
-PROBE_VERSION = 2        # part of the cache key: a changed probe measures again
+PROBE_VERSION = 3        # part of the cache key: a changed probe measures again
+# the attention core under bf16 autocast runs in fp32 when its fp32 forward + backward is this much faster: torch's
+# fused CPU kernel has a bf16 backward 1.6-5x slower than its fp32 one on an AMX Xeon whose bf16 GEMMs are 3-8x
+# faster (benchmarks/README.md, "Machine B"); the casts around an fp32 core cost a little
+ATTENTION_MARGIN = 1.1
+ATTENTION_SHAPE = (8, 4, 256, 48)   # rows, heads, tokens, head width (queries/keys, values padded to it): SFT's
 COMPILE_MARGIN = 1.2     # compiled decode steps must be this much faster for compiled rollouts
 # fewer decode steps than this cannot pay for a compile: at a 2x speedup of a 20 ms step they save 20 s, less than
 # every compile measured at decode batches of 16-32 rows (42-90 s; benchmarks/README.md), so no probe for them
@@ -59,6 +64,8 @@ class MachineProfile:
         cpu: the CPU model (/proc/cpuinfo), threads: torch's CPU threads, torch: its version.
         dense_fp32, dense_bf16: GFLOP/s of a (2048 x 256) @ (256 x 768) matmul.
         grouped_fp32, grouped_bf16: GFLOP/s of the routed experts' forward and backward (see `probe`).
+        attention_fp32_ms, attention_bf16_ms: forward + backward of the causal attention core (torch's fused
+            kernel) at ATTENTION_SHAPE.
     """
 
     cpu: str
@@ -68,6 +75,8 @@ class MachineProfile:
     dense_bf16: float
     grouped_fp32: float
     grouped_bf16: float
+    attention_fp32_ms: float
+    attention_bf16_ms: float
 
     @property
     def bf16_speedup(self) -> float:
@@ -87,6 +96,11 @@ class MachineProfile:
         """What `--precision auto` picks on this CPU."""
         return "bf16" if self.bf16_pays else "float32"
 
+    @property
+    def attention_fp32_pays(self) -> bool:
+        """Whether bf16 training should run its attention core in fp32 on this CPU."""
+        return self.attention_bf16_ms >= ATTENTION_MARGIN * self.attention_fp32_ms
+
     def describe(self) -> str:
         return (f"{self.cpu}; {self.threads} threads; torch {self.torch}\n"
                 f"dense GEMM fp32 {self.dense_fp32:7.1f}  bf16 {self.dense_bf16:7.1f} GFLOP/s "
@@ -95,7 +109,10 @@ class MachineProfile:
                 f"(bf16 {self.grouped_bf16 / self.grouped_fp32:.2f}x)\n"
                 f"a training step's matmuls: bf16 {self.bf16_speedup:.2f}x as fast ({EXPERT_SHARE:.0%} of their "
                 f"FLOPs in the experts)\n"
-                f"--precision auto: {self.precision} (bf16 when that is >= {BF16_MARGIN}x)")
+                f"--precision auto: {self.precision} (bf16 when that is >= {BF16_MARGIN}x)\n"
+                f"attention core forward + backward {'x'.join(map(str, ATTENTION_SHAPE))}: fp32 "
+                f"{self.attention_fp32_ms:.1f} ms, bf16 {self.attention_bf16_ms:.1f} ms; under bf16 it runs in "
+                f"{'fp32' if self.attention_fp32_pays else 'bf16'} (fp32 when that is >= {ATTENTION_MARGIN}x as fast)")
 
 
 @dataclass(frozen=True)
@@ -170,7 +187,8 @@ def probe(seconds: float = 1.0) -> MachineProfile:
     """Measure the four GEMM rates on this CPU (about `seconds` in all) at the small preset's shapes: 2048 tokens of
     width 256; a 256 -> 768 projection; the routed experts' forward and backward (16 experts, SwiGLU 256 -> 2 x 128
     -> 256) through the model's own code, with per-expert row counts that change at every call, as routing makes
-    them (on CPU, bf16 GEMMs pay a kernel build per new shape: nanoseek/model/buckets.py)."""
+    them (on CPU, bf16 GEMMs pay a kernel build per new shape: nanoseek/model/buckets.py); and the causal attention
+    core's forward and backward at ATTENTION_SHAPE in both dtypes."""
     g = torch.Generator().manual_seed(0)
     tokens, dim, inter, experts, moe_inter = 2048, 256, 768, 16, 128
     x, w = torch.randn(tokens, dim, generator=g), torch.randn(inter, dim, generator=g)
@@ -184,16 +202,30 @@ def probe(seconds: float = 1.0) -> MachineProfile:
             minlength=experts)
         grouped_swiglu(xd, counts.cumsum(0).to(torch.int32), w13, w2).backward(grad.to(xd.dtype))
 
+    qkv = torch.randn(3, *ATTENTION_SHAPE, generator=g)
+
+    def attention_step(q, k, v):
+        torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).backward(v.detach())
+
     fns, flops = {}, {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         xd, wd = x.to(dtype), w.to(dtype)
         fns[f"dense_{name}"] = lambda xd=xd, wd=wd: xd @ wd.t()
         fns[f"grouped_{name}"] = lambda xg=xd.clone().requires_grad_(): experts_step(xg)
+        fns[f"attention_{name}_ms"] = lambda t=qkv.to(dtype): attention_step(*t.clone().requires_grad_().unbind())
         flops[f"dense_{name}"] = 2 * tokens * dim * inter
         flops[f"grouped_{name}"] = 3 * 2 * tokens * 3 * dim * moe_inter   # forward + backward of three projections
     best = _best_seconds(fns, seconds)
-    rates = {name: flops[name] / best[name] / 1e9 for name in fns}
+    rates = {name: flops[name] / best[name] / 1e9 if name in flops else best[name] * 1e3 for name in fns}
     return MachineProfile(**_this_machine(), **rates)
+
+
+def attention_core_dtype(precision: str, device: torch.device | str) -> torch.dtype | None:
+    """The attention core's dtype for training in `precision` (already resolved) on `device`: fp32 under bf16
+    autocast on a CPU where the probe measured the fp32 core faster, else None (the core follows autocast)."""
+    if precision not in ("bf16", "fp8") or torch.device(device).type != "cpu":
+        return None
+    return torch.float32 if machine_profile().attention_fp32_pays else None
 
 
 def _cache_file() -> str:

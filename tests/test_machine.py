@@ -13,9 +13,10 @@ from nanoseek.cli import main as cli_main
 from nanoseek.machine import MachineProfile, machine_profile, resolve_precision
 
 
-def profile(dense=(100.0, 100.0), grouped=(100.0, 100.0)) -> MachineProfile:
+def profile(dense=(100.0, 100.0), grouped=(100.0, 100.0), attention_ms=(10.0, 10.0)) -> MachineProfile:
     return MachineProfile(cpu=machine.cpu_model(), threads=torch.get_num_threads(), torch=torch.__version__,
-                          dense_fp32=dense[0], dense_bf16=dense[1], grouped_fp32=grouped[0], grouped_bf16=grouped[1])
+                          dense_fp32=dense[0], dense_bf16=dense[1], grouped_fp32=grouped[0], grouped_bf16=grouped[1],
+                          attention_fp32_ms=attention_ms[0], attention_bf16_ms=attention_ms[1])
 
 
 @pytest.fixture
@@ -67,6 +68,7 @@ def test_probe_measures_positive_rates():
     p = machine.probe(seconds=0.05)
     assert p.cpu and p.threads >= 1
     assert min(p.dense_fp32, p.dense_bf16, p.grouped_fp32, p.grouped_bf16) > 0
+    assert min(p.attention_fp32_ms, p.attention_bf16_ms) > 0
 
 
 def test_info_machine_prints_the_rates_and_the_choice(cache, capsys):
@@ -88,6 +90,37 @@ def test_train_with_auto_takes_the_machine_choice_and_the_experts_follow_it(cach
     experts.register_forward_hook(lambda m, args, out: seen.append((args[0].dtype, out.dtype)))
     trainer.train_step()                                   # the step under autocast, then validation without
     assert seen[0] == (torch.bfloat16, torch.bfloat16) and seen[-1] == (torch.float32, torch.float32)
+
+
+def test_bf16_training_runs_the_attention_core_in_fp32_where_the_probe_found_it_faster(cache, tmp_path, monkeypatch):
+    import nanoseek.model.mla as mla
+    from nanoseek.train import TrainConfig, Trainer
+    cores = []
+    sdpa = mla.F.scaled_dot_product_attention
+    monkeypatch.setattr(mla.F, "scaled_dot_product_attention",
+                        lambda q, *args, **kwargs: cores.append(q.dtype) or sdpa(q, *args, **kwargs))
+
+    def run(precision: str, attention_ms: tuple[float, float]) -> tuple[list, list]:
+        """The core's input dtypes in a training step's forward, and in a bf16 forward without grad."""
+        cache(profile(dense=(100, 400), grouped=(100, 300), attention_ms=attention_ms))
+        cfg = TrainConfig(preset="tiny", corpus_docs=100, vocab_size=300, seq_len=16, batch_size=2, max_steps=1,
+                          save_every=0, val_every=0, peak_gflops=1.0, precision=precision, mtp_lambda=0.0,
+                          model={"num_nextn_predict_layers": 0})
+        trainer = Trainer(cfg, str(tmp_path / f"{precision}{attention_ms}"), progress=False)
+        cores.clear()
+        trainer.train_step()
+        step = cores[:layers]
+        cores.clear()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            trainer.model(torch.ones(1, 4, dtype=torch.long))
+        return step, list(cores)
+
+    layers = nanoseek.ModelConfig.preset("tiny").num_hidden_layers
+    fp32, bf16 = [torch.float32] * layers, [torch.bfloat16] * layers
+    assert run("auto", (10.0, 20.0)) == (fp32, bf16)     # bf16's core 2x slower: fp32 in training only
+    assert run("bf16", (10.0, 10.5)) == (bf16, bf16)     # within ATTENTION_MARGIN: it follows autocast
+    assert run("float32", (10.0, 20.0)) == (fp32, bf16)  # no autocast to leave in the step
+    assert machine.attention_core_dtype("bf16", "cuda") is None
 
 
 def test_sft_config_accepts_auto():

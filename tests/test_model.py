@@ -428,6 +428,45 @@ def test_bf16_forward_stays_close_to_fp32(tiny_model, rel_err):
     assert step.dtype == torch.bfloat16 and torch.isfinite(step).all()
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_fp32_attention_core_under_bf16_autocast_is_the_core_on_fp32_inputs(tiny_model, masked):
+    """set_core_dtype(model, fp32): in training under bf16 autocast the scores, softmax and values run in fp32 on
+    the bf16 projections' outputs (and its gradients flow back through them); the output is bf16 again."""
+    from nanoseek.model.mla import set_core_dtype
+    model = copy.deepcopy(tiny_model)
+    attn = model.model.layers[1].self_attn
+    x = torch.randn(2, 9, model.cfg.hidden_size, generator=torch.Generator().manual_seed(0))
+    cos, sin = model.rotary(_positions(0, 9, batch=2))
+    mask = torch.ones(9, 9, dtype=torch.bool).tril()[None, None] if masked else None
+    seen, sdpa = [], F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        seen.append(q.dtype)
+        if q.dtype == torch.bfloat16:   # the reference: the same bf16 inputs through an fp32 core
+            with torch.autocast("cpu", enabled=False):
+                return sdpa(q.float(), k.float(), v.float(), **kwargs).to(q.dtype)
+        return sdpa(q, k, v, **kwargs)
+
+    def run(core):
+        set_core_dtype(model, core)
+        xg = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            q_in, latent = attn._inputs(xg, cos, sin)
+            out = attn._naive_out(q_in, cos, sin, latent, mask)
+        out.float().square().sum().backward()
+        return out, xg.grad
+
+    import nanoseek.model.mla as mla
+    mla.F.scaled_dot_product_attention = spy
+    try:
+        (out, grad), (ref, ref_grad) = run(torch.float32), run(None)
+    finally:
+        mla.F.scaled_dot_product_attention = sdpa
+    assert seen == [torch.float32, torch.bfloat16] and out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    torch.testing.assert_close(grad, ref_grad, rtol=0, atol=0)
+
+
 def test_bf16_model_keeps_rope_frequencies_in_fp32(tiny_cfg):
     """RoPE angles are position * inv_freq; bf16 frequencies (8 significant bits) put the angles of late positions
     off by up to position * 2^-9 radians. Casting the model to bf16 must not round them (as for the router bias)."""

@@ -168,6 +168,33 @@ def test_bias_update_uses_counts_all_reduced_over_replicas():
     assert moe.gate.e_score_correction_bias[0] < 0 < moe.gate.e_score_correction_bias[1]
 
 
+def _compile_choice_worker(rank: int, port: int, out: str, result: dict):
+    import nanoseek.machine as machine
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2")
+    probed = []
+    # the decode probe (about 100 s) stands in as a profile in which compiling pays
+    machine.decode_profile = lambda: probed.append(rank) or machine.DecodeProfile(
+        cpu="test", threads=1, torch="test", eager_ms=10.0, compiled_ms=5.0, compile_s=1.0)
+    run = TrainingRun(out, seed=0, progress=False, tensorboard=False, replicate=True)
+    try:
+        result[rank] = (run.resolve_compile_rollouts("auto", 10_000), run.resolve_compile_rollouts(False, 10_000),
+                        probed)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_rank_zero_alone_takes_the_decode_probe_and_every_rank_follows_it(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with mp.Manager() as manager:
+        result = manager.dict()
+        mp.start_processes(_compile_choice_worker, args=(port, str(tmp_path), result), nprocs=2,
+                           start_method="spawn", join=True)
+        assert result[0] == (True, False, [0]) and result[1] == (True, False, [])
+
+
 def test_rank_zero_alone_writes_the_checkpoint(tmp_path, monkeypatch):
     import nanoseek.train.state as state
     run, model = _tiny_run(tmp_path)

@@ -70,6 +70,9 @@ class MLA(nn.Module):
         unfolded = q_in * H * qk + H * self.nope * C + H * C * self.v_dim + H * self.v_dim * D
         self.fold = q_in * H * (C + self.rope) + H * C * D <= 2 * unfolded
         self._folded = None  # (source weights' identity and versions, w_q, w_o); not a parameter
+        # the attention core's dtype in training when it should not follow autocast's (None: it follows); set on a
+        # built model by the training runs where the machine measured it faster (nanoseek/machine.py)
+        self.core_dtype: torch.dtype | None = None
 
     def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions_BT: torch.Tensor,
                 cache: LatentCache | None = None, slots_B: torch.Tensor | None = None,
@@ -191,8 +194,14 @@ class MLA(nn.Module):
             # (benchmarks/README.md, "Figures cited from code"). Zero columns leave the output's first
             # v_dim columns unchanged.
             v = F.pad(v, (0, width - self.v_dim))
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_B1TS, is_causal=mask_B1TS is None,
-                                           scale=self.softmax_scale)
+        core = self.core_dtype
+        if core is not None and q.dtype != core and torch.is_grad_enabled():
+            with torch.autocast(q.device.type, enabled=False):
+                o = F.scaled_dot_product_attention(q.to(core), k.to(core), v.to(core), attn_mask=mask_B1TS,
+                                                   is_causal=mask_B1TS is None, scale=self.softmax_scale).to(q.dtype)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_B1TS, is_causal=mask_B1TS is None,
+                                               scale=self.softmax_scale)
         if target_keys_BTS is None:
             return o[..., :self.v_dim].transpose(1, 2)
         with torch.no_grad():   # V3.2 report §2.1: main attention summed over heads, L1-normalized
@@ -325,3 +334,11 @@ def attention_bias(positions_BT: torch.Tensor, keys: int | torch.Tensor, heads: 
     bias_BTS = torch.zeros(visible_BTS.shape, dtype=dtype, device=positions_BT.device).masked_fill_(
         ~visible_BTS, float("-inf"))
     return bias_BTS if positions_BT.shape[1] == 1 else bias_BTS.repeat(1, heads, 1)
+
+
+def set_core_dtype(module: nn.Module, dtype: torch.dtype | None) -> None:
+    """Make every MLA in `module` run its attention core (scores, softmax, values) in `dtype` in training, whatever
+    autocast makes of its inputs; None: the core follows autocast again. Forwards without grad keep following it."""
+    for m in module.modules():
+        if isinstance(m, MLA):
+            m.core_dtype = dtype

@@ -55,7 +55,7 @@ from ..checkpoint import from_pretrained
 from ..config import ConfigError, Validator, is_number, load_config
 from ..data.tokenizer import Tokenizer
 from ..infer import LLM, prompt_opens_think
-from ..machine import COMPILE_CHOICES, resolve_compile_rollouts
+from ..machine import COMPILE_CHOICES
 from ..model.buckets import length_bucket_limit
 from ..runtime import is_main_process
 from ..train.metrics import read_jsonl
@@ -271,8 +271,8 @@ class GRPOTrainer:
         # one engine for the whole run; it holds self.model itself, so updates are sampled from at once
         max_len = max(map(len, self.prompts)) + cfg.max_new_tokens
         # "auto": decode steps of the run at most steps x max_new_tokens (per refill round too)
-        compile_rollouts = resolve_compile_rollouts(cfg.compile_rollouts, run.device,
-                                                    cfg.steps * (1 + cfg.dynamic_sampling) * cfg.max_new_tokens)
+        compile_rollouts = run.resolve_compile_rollouts(cfg.compile_rollouts,
+                                                        cfg.steps * (1 + cfg.dynamic_sampling) * cfg.max_new_tokens)
         self.llm = LLM(self.model, self.tokenizer, max_num_seqs=cfg.max_num_seqs or cfg.prompts_per_step * cfg.group_size,
                        max_model_len=max_len, seed=cfg.seed, compile=compile_rollouts)
 

@@ -31,7 +31,8 @@ from typing import Callable, Iterable, Protocol
 import torch
 from tqdm import tqdm
 
-from ..machine import resolve_precision
+from ..machine import attention_core_dtype, resolve_compile_rollouts, resolve_precision
+from ..model.mla import set_core_dtype
 from ..runtime import is_main_process, local_device, seed_everything, set_threads
 from .adamw_bf16 import AdamWBF16Moments
 from .balance import ExpertLoad
@@ -114,6 +115,7 @@ class TrainingRun:
             warnings.warn(f"resume: no complete checkpoint in {self.ckpt_dir}; starting afresh", stacklevel=3)
         self.step, self.bad_steps = 0, 0
         self.model = self.optimizer = self.tokenizer = self.metrics = None
+        self.core_dtype: torch.dtype | None = None   # the attention core's, from resolve_precision
         self.balance = False
 
     # ---- set-up ---------------------------------------------------------------------------------
@@ -126,7 +128,25 @@ class TrainingRun:
                 chosen = "float32"
             if is_main_process():
                 tqdm.write(f"{self.label}: precision auto -> {chosen} (the measurements: nanoseek info --machine)")
+        # and the attention core's own dtype under bf16 on CPU (fp32 where it runs faster), alike on every rank
+        core = attention_core_dtype(chosen, self.device)
+        if self.device.type == "cpu" and chosen in ("bf16", "fp8") and not self._everywhere(core is not None):
+            core = None
+        self.core_dtype = core
+        if self.model is not None:
+            set_core_dtype(self.model, self.core_dtype)
         return chosen
+
+    def resolve_compile_rollouts(self, choice: bool | str, decode_steps: int) -> bool:
+        """`choice` with "auto" made concrete for a run of about `decode_steps` decode steps (nanoseek/machine.py);
+        with several ranks, rank 0 alone takes the decode probe (ranks probing at once would time each other's
+        load) and every rank follows its answer (one collective)."""
+        if choice != "auto" or not self.parallel:
+            return resolve_compile_rollouts(choice, self.device, decode_steps)
+        chosen = is_main_process() and resolve_compile_rollouts(choice, self.device, decode_steps)
+        flag = torch.tensor(float(chosen), device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag)
 
     def attach(self, model: torch.nn.Module, tokenizer, *, lr: float, betas: tuple[float, float],
                weight_decay: float, grad_clip: float, bias_gamma: Callable[[], float] | None = None,
@@ -141,6 +161,7 @@ class TrainingRun:
         moments: the AdamW moments' dtype, "float32" or "bf16" (build_optimizer).
         """
         self.model, self.tokenizer, self.grad_clip = model.to(self.device), tokenizer, grad_clip
+        set_core_dtype(self.model, self.core_dtype)
         # the transforms of a built model (pipeline split, expert parallelism, FSDP2) happen here, before the
         # optimizer is built over the parameters they leave on this rank
         self.modules = self.parallel.prepare(self.model) if self.parallel else [self.model]
