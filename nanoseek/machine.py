@@ -6,8 +6,11 @@ faster (benchmarks/README.md, "Figures cited from code"). CPU flags do not tell 
 two kinds of work a training step is made of, in both dtypes, at shapes of the `small` preset: a dense matmul
 (attention projections, the head) and the routed experts' forward and backward (grouped matmuls whose shapes
 follow the routing). bf16 autocast is chosen when a training step's matmuls, weighted by their FLOPs, come out
-BF16_MARGIN faster in bf16 (the experts follow the autocast dtype); on CUDA bf16 always is. The probe takes about
-a second; its result is cached per machine (CPU model, threads, torch version, probe version) in
+BF16_MARGIN faster in bf16 (the experts follow the autocast dtype); on CUDA bf16 always is. It also times the
+attention core (torch's fused kernel) forward and backward in both dtypes: where fp32 is faster, bf16 training runs
+that core in fp32 (`attention_core_dtype`; its bf16 backward can be slower than fp32 even where bf16 GEMMs are
+several times faster). The probe takes about a second; its result is cached per machine (CPU model, threads,
+torch version, probe version) in
 `$XDG_CACHE_HOME/nanoseek/machine.json` (default ~/.cache), so every run on one machine makes the same choice.
 `nanoseek info --machine` prints it; `--remeasure` measures again.
 
@@ -41,10 +44,11 @@ EXPERT_SHARE = 0.25
 PRECISIONS = ("auto", "float32", "bf16", "fp8")
 PROBE_VERSION = 3        # part of the cache key: a changed probe measures again
 # the attention core under bf16 autocast runs in fp32 when its fp32 forward + backward is this much faster: torch's
-# fused CPU kernel has a bf16 backward 1.6-5x slower than its fp32 one on an AMX Xeon whose bf16 GEMMs are 3-8x
-# faster (benchmarks/README.md, "Machine B"); the casts around an fp32 core cost a little
+# fused CPU kernel has a bf16 backward 1.5-4x slower than its fp32 one (forward + backward 1.2-3.2x) on an AMX Xeon
+# whose bf16 GEMMs are 3-8x faster (benchmarks/README.md, "Machine B"); the casts around an fp32 core cost a little
 ATTENTION_MARGIN = 1.1
-ATTENTION_SHAPE = (8, 4, 256, 48)   # rows, heads, tokens, head width (queries/keys, values padded to it): SFT's
+# rows, heads, tokens, head width (queries and keys; values are padded to it): an SFT micro-batch of the small preset
+ATTENTION_SHAPE = (8, 4, 256, 48)
 COMPILE_MARGIN = 1.2     # compiled decode steps must be this much faster for compiled rollouts
 # fewer decode steps than this cannot pay for a compile: at a 2x speedup of a 20 ms step they save 20 s, less than
 # every compile measured at decode batches of 16-32 rows (42-90 s; benchmarks/README.md), so no probe for them

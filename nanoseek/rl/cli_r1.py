@@ -43,7 +43,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--config", default=None, help="JSON/TOML file of R1Config fields (stage dicts merge into defaults)")
     p.add_argument("--stages", nargs="+", default=None, help="run only these stages (default: all, in order)")
     p.add_argument("--scale", type=float, default=None,
-                   help="multiply steps, data and eval sizes (default 1: 25-52 min on 2 CPU cores; GPUs: e.g. 10)")
+                   help="multiply steps, data and eval sizes (default 1: 25-56 min on 2 CPU cores; GPUs: e.g. 10)")
     p.add_argument("--preset", default=None, help="teacher model preset (default: small)")
     p.add_argument("--seed", type=int, default=None, help="seed of every stage (default: 0)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")

@@ -58,7 +58,7 @@ class R1Config:
             linear and 2,400 countdown training problems, so a large `scale` needs None.
         seed: seeds every stage.
         scale: multiplies every stage's steps, data sizes and evaluation size (1 = the CPU default run,
-            25-52 minutes on 2 cores depending on the CPU, 7 on one H100; GPUs: e.g. --scale 10 with a bigger
+            25-56 minutes on 2 cores depending on the CPU, 7 on one H100; GPUs: e.g. --scale 10 with a bigger
             --preset).
         preset: model preset of the teacher (the student takes it with STUDENT_MODEL overrides).
         pretrain_docs: task documents per task in the pretraining corpus.
