@@ -429,7 +429,7 @@ def test_bf16_forward_stays_close_to_fp32(tiny_model, rel_err):
 
 
 @pytest.mark.parametrize("masked", [False, True])
-def test_fp32_attention_core_under_bf16_autocast_is_the_core_on_fp32_inputs(tiny_model, masked):
+def test_fp32_attention_core_under_bf16_autocast_is_the_core_on_fp32_inputs(tiny_model, masked, monkeypatch):
     """set_core_dtype(model, fp32): in training under bf16 autocast the scores, softmax and values run in fp32 on
     the bf16 projections' outputs (and its gradients flow back through them); the output is bf16 again."""
     from nanoseek.model.mla import set_core_dtype
@@ -456,12 +456,8 @@ def test_fp32_attention_core_under_bf16_autocast_is_the_core_on_fp32_inputs(tiny
         out.float().square().sum().backward()
         return out, xg.grad
 
-    import nanoseek.model.mla as mla
-    mla.F.scaled_dot_product_attention = spy
-    try:
-        (out, grad), (ref, ref_grad) = run(torch.float32), run(None)
-    finally:
-        mla.F.scaled_dot_product_attention = sdpa
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)   # the module mla.py calls it through
+    (out, grad), (ref, ref_grad) = run(torch.float32), run(None)
     assert seen == [torch.float32, torch.bfloat16] and out.dtype == torch.bfloat16
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
     torch.testing.assert_close(grad, ref_grad, rtol=0, atol=0)

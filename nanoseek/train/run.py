@@ -121,7 +121,9 @@ class TrainingRun:
     # ---- set-up ---------------------------------------------------------------------------------
     def resolve_precision(self, precision: str) -> str:
         """`precision` with "auto" made concrete for this run's device (nanoseek/machine.py); with several ranks,
-        bf16 only if every rank measured it faster (one collective), so that all of them compute alike."""
+        bf16 only if every rank measured it faster (one collective), so that all of them compute alike. Under bf16
+        on a CPU it also picks the attention core's dtype (machine.attention_core_dtype) and sets it on the model,
+        now or when it is attached."""
         chosen = resolve_precision(precision, self.device)
         if precision == "auto":
             if not self._everywhere(chosen == "bf16"):
