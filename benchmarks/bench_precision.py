@@ -18,8 +18,8 @@ storage, parameters excluded), measured with torch.autograd.graph.saved_tensors_
 
 `--r1` compares instead the pretraining stage of `nanoseek r1` (1400 steps of 4 x 512 tokens on its task corpus,
 about 16 minutes per run on 2 CPU cores) to its end, with the base model's held-out pass@1 that the R1 report
-starts from: float32 and bf16, each at seeds 0 and 1 (another initialisation and data order: the spread that is
-not precision's). Runs already finished in --out are reused.
+starts from: float32 and bf16, each at the training seeds of --r1-seeds (default 0 and 1; another initialisation
+and data order: the spread that is not precision's). Runs already finished in --out are reused.
 
     python benchmarks/bench_precision.py --r1 --out runs/precision_r1       # plot docs/precision_r1_pretrain.png
 """
@@ -69,9 +69,6 @@ def train(precision: str, args, out: str) -> dict:
             "tokens_per_s": sorted(r["tokens_per_s"] for r in rows)[len(rows) // 2]}
 
 
-R1_RUNS = (("float32", 0), ("bf16", 0), ("float32", 1), ("bf16", 1))
-
-
 def r1_pretrain(precision: str, seed: int, args, out: str) -> dict:
     """The R1 pipeline's pretrain stage at this precision and training seed (resumed if already done)."""
     from nanoseek.rl.pipeline import R1Config, R1Pipeline
@@ -90,13 +87,14 @@ def r1_pretrain(precision: str, seed: int, args, out: str) -> dict:
 
 def main_r1(args) -> None:
     out = args.out or tempfile.mkdtemp(prefix="bench_precision_r1_")
-    runs = {f"{p} seed {s}": r1_pretrain(p, s, args, out) for p, s in R1_RUNS}
+    seeds = args.r1_seeds
+    runs = {f"{p} seed {s}": r1_pretrain(p, s, args, out) for s in seeds for p in ("float32", "bf16")}
     tail = {k: sum(r["lm_loss"][-args.window:]) / args.window for k, r in runs.items()}
     print(f"\nnanoseek r1's pretraining stage, {torch.get_num_threads()} threads; runs in {out}")
     print(f"{'':16} {'loss (last ' + str(args.window) + ')':>18} {'val loss':>10} {'base pass@1':>12} {'tok/s':>8}")
     for k, r in runs.items():
         print(f"{k:16} {tail[k]:18.4f} {r['val_loss']:10.4f} {r['pass@1']:12.3f} {r['tokens_per_s']:8.0f}")
-    base = "float32 seed 0"
+    base = f"float32 seed {seeds[0]}"
     for k in runs:
         if k != base:
             print(f"{k} vs {base}: training loss {100 * (tail[k] - tail[base]) / tail[base]:+.2f}%, val loss "
@@ -138,6 +136,13 @@ def plot(runs: dict, pairs: list[tuple[str, str]], window: int, title: str, path
     fig.savefig(path, dpi=110)
 
 
+def seed_list(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="small")
@@ -150,6 +155,8 @@ def main() -> None:
     p.add_argument("--plot", default=None, help="'' for none (default: docs/precision_loss.png, with --r1 "
                    "docs/precision_r1_pretrain.png)")
     p.add_argument("--r1", action="store_true", help="nanoseek r1's pretraining stage instead (see above)")
+    p.add_argument("--r1-seeds", type=seed_list, default=[0, 1],
+                   help="with --r1: the pretraining's training seeds, comma-separated (default: 0,1)")
     args = p.parse_args()
     print(machine_info())
     if args.r1:
